@@ -1,0 +1,23 @@
+"""curvscope: everything beyond the gradient in PyTorch.
+
+Layers point one way: ``derivatives`` (functions of tensors) <- ``operators`` (curvature of a
+model over a dataset, and the data/distributed layer) <- ``estimators`` (eigenvalues, trace,
+diagonal, density, solve) <- ``report`` (analysis, plots, HTML) <- ``cli``.
+
+The public surface is what this module exports.
+"""
+
+from . import derivatives, estimators, operators, report
+from .derivatives import *  # noqa: F403
+from .estimators import *  # noqa: F403
+from .operators import *  # noqa: F403
+from .report import *  # noqa: F403
+
+__version__ = "0.1.0"
+
+__all__ = [
+    *derivatives.__all__,
+    *operators.__all__,
+    *estimators.__all__,
+    *report.__all__,
+]

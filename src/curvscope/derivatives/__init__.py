@@ -1,0 +1,3 @@
+"""curvscope.derivatives (being built)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""curvscope.estimators (being built)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""curvscope.report (being built)."""
+
+__all__: list[str] = []
