@@ -1,3 +1,5 @@
-"""curvscope.report (being built)."""
+"""Analysis, plots and the HTML report (being built)."""
 
-__all__: list[str] = []
+from .digits import digits_example
+
+__all__: list[str] = ["digits_example"]
