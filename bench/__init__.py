@@ -1,0 +1,1 @@
+"""curvscope benchmarks: `python -m bench` (see bench/__main__.py and bench/harness.py)."""
