@@ -35,13 +35,14 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/curvscope analyze
 
-$(BENCH_STAMP): bench/requirements.txt pyproject.toml
+$(BENCH_STAMP): bench/requirements.txt bench/requirements-nodeps.txt pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q $(TORCH)
 	$(BENCH_VENV)/bin/python -m pip install -q -e '.[report]'
 	$(BENCH_VENV)/bin/python -m pip install -q -r bench/requirements.txt
 	$(BENCH_VENV)/bin/python -m pip install -q --no-deps -r bench/requirements-nodeps.txt
+	$(BENCH_VENV)/bin/python -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), v"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
