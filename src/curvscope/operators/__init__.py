@@ -1,5 +1,17 @@
 """Curvature of a model over a dataset as linear operators, and the data/distributed layer."""
 
 from .base import DenseOperator, LinearOperator
+from .distributed import is_main_process, shard
+from .fisher import FisherOperator
+from .ggn import GGNOperator
+from .hessian import HessianOperator
 
-__all__ = ["DenseOperator", "LinearOperator"]
+__all__ = [
+    "DenseOperator",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "is_main_process",
+    "shard",
+]

@@ -1,0 +1,107 @@
+"""The generalized Gauss-Newton matrix ``Jᵀ (∂²loss/∂output²) J`` as an operator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import jvp, vjp, vmap
+
+from .._checks import describe
+from .data import Batch
+from .losses import loss_hessian_matmat
+from .model import _ModelOperator, _PassState
+
+
+class _OutputSpaceOperator(_ModelOperator):
+    """Operators of the form ``Σ_b w_b J_bᵀ M_b J_b``, with ``J_b`` the Jacobian of the model
+    output on batch b w.r.t. the parameters and ``M_b`` a matrix on the output space.
+
+    Per batch and column: one JVP (J v), one output-space product (M J v), one VJP (Jᵀ M J v);
+    no second derivative of the network is ever taken.
+    """
+
+    def _output_matmat(
+        self, output: torch.Tensor, batch: Batch, block: torch.Tensor
+    ) -> torch.Tensor:
+        """``M_b U`` for a stack ``block`` (k, *output.shape) of output-space tangents."""
+        raise NotImplementedError
+
+    def _check_output(self, output: Any, batch: Batch) -> None:
+        if not isinstance(output, torch.Tensor) or output.ndim == 0:
+            raise TypeError(
+                f"curvscope.{self._func}(model=...): expected a model that returns one Tensor "
+                f"with a batch dimension, got {describe(output)}. Wrap the model so that it "
+                "returns the tensor loss_fn takes (e.g. the logits), or use HessianOperator."
+            )
+
+    def _batch_matmat(self, state: _PassState, batch: Batch, matrix: torch.Tensor) -> torch.Tensor:
+        output_fn = self._output_of(state, batch)
+        output, pullback = vjp(output_fn, state.theta)
+        jv = vmap(lambda v: jvp(output_fn, (state.theta,), (v,))[1])(matrix.T)
+        mjv = self._output_matmat(output.detach(), batch, jv)
+        return vmap(lambda u: pullback(u)[0])(mjv).T
+
+
+class GGNOperator(_OutputSpaceOperator):
+    """The generalized Gauss-Newton matrix ``G = Σ_b w_b J_bᵀ (∂²L_b/∂f²) J_b`` (P, P).
+
+    ``J_b`` is the Jacobian of the model output ``f`` on batch b with respect to the parameters,
+    ``L_b`` the loss on that batch, ``w_b = n_b / N`` (reduction "mean") or 1 ("sum")
+    (Schraudolph, 2002, "Fast curvature matrix-vector products for second-order gradient
+    descent"; Martens, 2020, "New insights and perspectives on the natural gradient method").
+    Products go JVP -> loss-Hessian product -> VJP, never through a second derivative of the
+    network. The loss Hessian is closed-form for cross-entropy (``diag(p) - p pᵀ`` per position)
+    and MSE (``2 I``, over the number of elements for reduction "mean"); autograd on the output
+    for any other loss. G is positive semi-definite for convex losses.
+
+    Args:
+        model: the network; it must return one Tensor (the input of ``loss_fn``).
+        loss_fn: ``loss_fn(output, targets) -> scalar``; an nn loss module or a callable.
+        data: an iterable of ``(inputs, targets)`` batches, or one such batch.
+        params: names of the parameters (None: all with requires_grad).
+        max_batch_size: split batches into micro-batches of at most this many examples.
+        progress: show a progress bar over batches.
+        reduction: "mean" or "sum" for plain-callable losses (read from nn loss modules).
+        eval_mode: evaluate the model in eval mode (default); False keeps its current mode.
+        check_deterministic: on first use, check that two passes give the same batches.
+
+    Example:
+        >>> import torch, curvscope
+        >>> model = torch.nn.Linear(1, 1, bias=False).double()
+        >>> data = (torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
+        >>> curvscope.GGNOperator(model, torch.nn.MSELoss(), data).to_dense()
+        tensor([[5.]], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        data: Any,
+        *,
+        params: Sequence[str] | None = None,
+        max_batch_size: int | None = None,
+        progress: bool = False,
+        reduction: str | None = None,
+        eval_mode: bool = True,
+        check_deterministic: bool = True,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            reduction=reduction,
+            max_batch_size=max_batch_size,
+            progress=progress,
+            eval_mode=eval_mode,
+            check_deterministic=check_deterministic,
+        )
+
+    def _output_matmat(
+        self, output: torch.Tensor, batch: Batch, block: torch.Tensor
+    ) -> torch.Tensor:
+        return loss_hessian_matmat(self._loss_spec, self._loss_fn, output, batch.targets, block)

@@ -1,0 +1,131 @@
+"""The Hessian of the full-data loss with respect to the parameters, as an operator."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vjp, vmap
+
+from .._checks import check_choice
+from .data import Batch
+from .model import _ModelOperator, _PassState
+
+_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
+
+
+def _forward_over_reverse(
+    loss: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, matrix: torch.Tensor
+) -> torch.Tensor:
+    gradient = grad(loss)
+    return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(matrix.T).T
+
+
+def _reverse_over_reverse(
+    loss: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, matrix: torch.Tensor
+) -> torch.Tensor:
+    _, pullback = vjp(grad(loss), theta)
+    return vmap(lambda v: pullback(v)[0])(matrix.T).T
+
+
+_PRODUCTS = {
+    "forward-over-reverse": _forward_over_reverse,
+    "reverse-over-reverse": _reverse_over_reverse,
+}
+
+
+class HessianOperator(_ModelOperator):
+    """The Hessian ``H = ∇²_θ L(θ)`` of the full-data loss, as a (P, P) operator.
+
+    ``L`` is ``loss_fn`` over the whole of ``data``: ``L = Σ_b (n_b/N) L_b`` for reduction
+    "mean" (weighted by true batch sizes) and ``Σ_b L_b`` for "sum". A product ``H v`` is one
+    Hessian-vector product per batch (Pearlmutter, 1994, "Fast exact multiplication by the
+    Hessian"), vmapped over the k columns of a block.
+
+    Args:
+        model: the network; evaluated in eval mode and never modified.
+        loss_fn: ``loss_fn(output, targets) -> scalar``; an nn loss module or a callable.
+        data: an iterable of ``(inputs, targets)`` batches, or one such batch.
+        params: names of the parameters to differentiate (None: all with requires_grad).
+        hvp_mode: "forward-over-reverse", "reverse-over-reverse", or "auto" (time both on the
+            first batch once and keep the faster; the one that works if one fails).
+        max_batch_size: split batches into micro-batches of at most this many examples.
+        progress: show a progress bar over batches.
+        reduction: "mean" or "sum" for plain-callable losses (read from nn loss modules).
+        eval_mode: evaluate the model in eval mode (default); False keeps its current mode.
+        check_deterministic: on first use, check that two passes give the same batches.
+
+    Example:
+        >>> import torch, curvscope
+        >>> model = torch.nn.Linear(1, 1, bias=False).double()
+        >>> data = (torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
+        >>> op = curvscope.HessianOperator(model, torch.nn.MSELoss(), data)
+        >>> op.to_dense()  # mean of 2 x^2 over x = 1, 2
+        tensor([[5.]], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        data: Any,
+        *,
+        params: Sequence[str] | None = None,
+        hvp_mode: str = "auto",
+        max_batch_size: int | None = None,
+        progress: bool = False,
+        reduction: str | None = None,
+        eval_mode: bool = True,
+        check_deterministic: bool = True,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            reduction=reduction,
+            max_batch_size=max_batch_size,
+            progress=progress,
+            eval_mode=eval_mode,
+            check_deterministic=check_deterministic,
+        )
+        check_choice(self._func, "hvp_mode", hvp_mode, _MODES)
+        self._options["hvp_mode"] = hvp_mode
+        self._hvp_mode = hvp_mode
+
+    @property
+    def hvp_mode(self) -> str:
+        """The product mode in use ("auto" until the first product has chosen one)."""
+        return self._hvp_mode
+
+    def _batch_matmat(self, state: _PassState, batch: Batch, matrix: torch.Tensor) -> torch.Tensor:
+        loss = self._loss_of(state, batch)
+        if self._hvp_mode == "auto":
+            self._hvp_mode = self._choose_mode(loss, state.theta, matrix[:, :1])
+        return _PRODUCTS[self._hvp_mode](loss, state.theta, matrix)
+
+    def _choose_mode(
+        self,
+        loss: Callable[[torch.Tensor], torch.Tensor],
+        theta: torch.Tensor,
+        column: torch.Tensor,
+    ) -> str:
+        """Time both modes (second of two runs each) on one column; keep the faster that works."""
+        times = {}
+        errors = {}
+        for mode, product in _PRODUCTS.items():
+            try:
+                for _ in range(2):
+                    start = time.perf_counter()
+                    product(loss, theta, column)
+                    if theta.device.type == "cuda":
+                        torch.cuda.synchronize(theta.device)
+                    times[mode] = time.perf_counter() - start
+            except (RuntimeError, NotImplementedError) as err:
+                errors[mode] = err
+        if not times:
+            raise errors["reverse-over-reverse"]
+        return min(times, key=times.__getitem__)
