@@ -1,3 +1,25 @@
-"""curvscope.derivatives (being built)."""
+"""curvscope.derivatives: exact derivatives of functions of tensors, built on ``torch.func``.
 
-__all__: list[str] = []
+Products (``jvp``, ``vjp``, ``hvp``), dense matrices (``jacobian``, ``hessian`` and their batched
+forms), the exact ``hessian_diagonal``, higher-order ``derivative`` and ``flatten``. Inputs are a
+Tensor, or a tuple or dict of Tensors; results come back in the matching structure.
+"""
+
+from .hessian import batch_hessian, hessian, hessian_diagonal
+from .jacobian import batch_jacobian, jacobian
+from .products import hvp, jvp, vjp
+from .taylor import derivative
+from .tree import flatten
+
+__all__ = [
+    "batch_hessian",
+    "batch_jacobian",
+    "derivative",
+    "flatten",
+    "hessian",
+    "hessian_diagonal",
+    "hvp",
+    "jacobian",
+    "jvp",
+    "vjp",
+]
