@@ -5,8 +5,8 @@ forms), the exact ``hessian_diagonal``, higher-order ``derivative`` and ``flatte
 Tensor, or a tuple or dict of Tensors; results come back in the matching structure.
 """
 
-from .hessian import batch_hessian, hessian, hessian_diagonal
-from .jacobian import batch_jacobian, jacobian
+from .hessians import batch_hessian, hessian, hessian_diagonal
+from .jacobians import batch_jacobian, jacobian
 from .products import hvp, jvp, vjp
 from .taylor import derivative
 from .tree import flatten
