@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._checks import check_int, describe, type_error, value_error
 from .base import LinearOperator
@@ -78,6 +79,19 @@ def _select_params(model: nn.Module, params: Any, func: str) -> list[str]:
             f"Unknown: {unknown}. Names come from model.named_parameters().",
         )
     return [name for name in named if name in set(params)]
+
+
+@contextlib.contextmanager
+def _differentiable_attention() -> Iterator[None]:
+    """Attention through composite kernels: the fused ones (flash, the transformer fast path)
+    have neither forward-mode derivatives nor double backward."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _check_bool(func: str, arg: str, value: Any) -> bool:
@@ -361,13 +375,14 @@ class _ModelOperator(LinearOperator):
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Eval mode (unless eval_mode=False) and the global RNG state, restored afterwards."""
+        """Eval mode (unless eval_mode=False), the global RNG state and attention kernels that
+        support second derivatives; everything restored afterwards."""
         flags = [(module, module.training) for module in self._model.modules()]
         devices = []
         if self.device.type == "cuda":
             devices = [self.device.index if self.device.index is not None else 0]
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), _differentiable_attention():
                 if self._eval_mode:
                     self._model.eval()
                 yield
