@@ -45,10 +45,12 @@ _DETERMINISM_FIX = (
 
 @dataclass(frozen=True)
 class _PassState:
-    """What one pass over the data uses: flat selected parameters and detached constants."""
+    """What one pass over the data uses: flat selected parameters, detached other parameters,
+    and copies of the buffers."""
 
     theta: torch.Tensor
     constants: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
 
 
 def _select_params(model: nn.Module, params: Any, func: str) -> list[str]:
@@ -330,8 +332,8 @@ class _ModelOperator(LinearOperator):
         named = dict(self._model.named_parameters())
         theta = torch.cat([named[name].detach().reshape(-1) for name in self._names])
         constants = {n: p.detach() for n, p in named.items() if n not in self._param_shapes}
-        constants.update({n: b.detach().clone() for n, b in self._model.named_buffers()})
-        return _PassState(theta, constants)
+        buffers = {n: b.detach().clone() for n, b in self._model.named_buffers()}
+        return _PassState(theta, constants, buffers)
 
     def _unflatten_params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         sizes = [math.prod(shape) for shape in self._param_shapes.values()]
@@ -347,7 +349,10 @@ class _ModelOperator(LinearOperator):
 
         def output(theta: torch.Tensor) -> Any:
             params = self._unflatten_params(theta)
-            return functional_call(self._model, (params, state.constants), args, kwargs)
+            buffers = state.buffers
+            if not self._eval_mode:  # train-mode BatchNorm updates buffers: fresh copies here
+                buffers = {name: buffer.clone() for name, buffer in buffers.items()}
+            return functional_call(self._model, (params, state.constants, buffers), args, kwargs)
 
         return output
 
