@@ -295,7 +295,8 @@ class _ModelOperator(LinearOperator):
                 "for MSE)."
             ) from err
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise type_error(
+            error = value_error if isinstance(loss, torch.Tensor) else type_error
+            raise error(
                 self._func,
                 "loss_fn",
                 "a loss that returns a scalar tensor",
