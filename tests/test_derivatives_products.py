@@ -80,6 +80,7 @@ def test_structured_inputs_and_outputs():
     v = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([[0.0, 2.0]])}
     out, tangent = curvscope.jvp(f, x, v)
     expected_out, expected_tangent = torch.func.jvp(f, (x,), (v,))
+    torch.testing.assert_close(out, expected_out)
     torch.testing.assert_close(tangent, expected_tangent)
     u = (torch.tensor([1.0, -1.0]), {"c": torch.tensor(2.0)})
     _, cotangent = curvscope.vjp(f, x, u)
