@@ -8,11 +8,12 @@ round-robin.
 Peak memory on CPU: torch's CPU tensors are invisible to tracemalloc, so we read the kernel's
 resident-set high-water mark. Before a measured call we write ``5`` to ``/proc/self/clear_refs``
 (Linux >= 4.0), which resets ``VmHWM`` to the current ``VmRSS``; the peak of the call is then
-``VmHWM - VmRSS`` read just before it. ``python -m bench`` runs with glibc's
-``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so that every tensor larger than that is its own
-mmap, returned to the kernel when freed: freed memory is then not silently reused by the next
-call, and the high-water mark is the honest peak of the call alone. On CUDA we use
-``torch.cuda.max_memory_allocated`` instead.
+``VmHWM - VmRSS`` read just before it. Memory is measured in a child process per case
+(``python -m bench --memory-child CASE``) run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at
+4 KiB, so that every tensor larger than a page is its own mmap, returned to the kernel when
+freed: freed memory is then not silently reused by the next call, and the high-water mark is
+the honest peak of the call alone. Timings come from the parent process, which keeps the
+default allocator. On CUDA we use ``torch.cuda.max_memory_allocated`` instead.
 """
 
 from __future__ import annotations
@@ -28,7 +29,20 @@ from typing import Any
 import torch
 
 #: glibc settings under which the resident-set high-water mark is an honest per-call peak.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096"}
+
+
+class _Memory:
+    """Where peak memory comes from. In a memory child (``python -m bench --memory-child``),
+    ``memory_variants`` measures and records, and ``time_variants`` does nothing; in the timing
+    process, ``memory_variants`` replays what the child recorded, in the same order."""
+
+    child = False
+    recorded: list[dict[str, float]] = []  # noqa: RUF012 - process-wide state, on purpose
+    replay: list[dict[str, float]] | None = None
+
+
+MEMORY = _Memory()
 
 
 @dataclass
@@ -74,6 +88,8 @@ def time_variants(
 ) -> dict[str, Timing]:
     """Warm each variant up once, then time them interleaved; the repeats of each variant are
     chosen so that it spends about ``cfg.budget_s`` (between ``min_repeats`` and a cap)."""
+    if MEMORY.child:
+        return {name: Timing(float("nan"), [float("nan")]) for name in variants}
     warm = {name: _once(fn) for name, fn in variants.items()}
     cap = 3 if cfg.quick else 50
     wanted = {
@@ -121,11 +137,21 @@ def peak_memory(fn: Callable[[], Any], *, device: str = "cpu") -> float:
 
 
 def memory_variants(variants: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Peak memory (bytes) of one call of each variant, each after a warm-up call."""
+    """Peak memory (bytes) of one call of each variant, each after a warm-up call.
+
+    Measured in a separate child process run under ``MALLOC_ENV`` (see the module docstring),
+    so that the timing process keeps glibc's default allocator behaviour.
+    """
+    if not MEMORY.child:
+        if MEMORY.replay:
+            recorded = MEMORY.replay.pop(0)
+            return {name: recorded.get(name, float("nan")) for name in variants}
+        return {name: float("nan") for name in variants}
     out = {}
     for name, fn in variants.items():
         fn()
         out[name] = peak_memory(fn)
+    MEMORY.recorded.append(out)
     return out
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.report.digits import train_digits_mlp
 
@@ -91,14 +93,19 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Parameter(torch.zeros(length, width))
+        # SiLU: with ReLU/GELU, eval-mode layers may take torch's fused inference kernel, which
+        # has no forward-mode AD and no second derivatives.
         layer = nn.TransformerEncoderLayer(
-            width, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
+            width, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True, activation=F.silu
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(width, classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(self.embed(tokens) + self.position)
+        # The fused CPU attention kernel has neither a double backward nor forward-mode AD, so
+        # no library can take second derivatives through it: use the math kernel.
+        with sdpa_kernel(SDPBackend.MATH):
+            hidden = self.encoder(self.embed(tokens) + self.position)
         return self.head(hidden.mean(dim=1))
 
 
@@ -123,3 +130,33 @@ def gradient(problem: Problem) -> list[torch.Tensor]:
         for g, piece in zip(grads, torch.autograd.grad(loss, params), strict=True):
             g += piece
     return grads
+
+
+def _unflatten(problem: Problem, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for name, p in problem.model.named_parameters():
+        out[name] = vector[start : start + p.numel()].view_as(p)
+        start += p.numel()
+    return out
+
+
+def reference_product(problem: Problem, v: torch.Tensor, kind: str = "hessian") -> torch.Tensor:
+    """An independent reference product with the full-data Hessian or GGN of the mean loss,
+    on the whole dataset as one batch, by reverse mode only (double backward; the GGN's J v by
+    the double-vjp trick), so that it works for models without forward-mode support."""
+    inputs, targets = problem.full_batch
+    params = [p for p in problem.model.parameters() if p.requires_grad]
+    tangent = list(_unflatten(problem, v).values())
+    grad = torch.autograd.grad
+    out = problem.model(inputs)
+    if kind == "hessian":
+        g = grad(problem.loss_fn(out, targets), params, create_graph=True)
+        result = grad(g, params, grad_outputs=tangent)
+    else:
+        u = torch.zeros_like(out, requires_grad=True)
+        jtu = grad(out, params, grad_outputs=u, create_graph=True)
+        (jv,) = grad(jtu, u, grad_outputs=tangent)
+        (g_out,) = grad(problem.loss_fn(out, targets), out, create_graph=True)
+        (hjv,) = grad(g_out, out, grad_outputs=jv.detach())
+        result = grad(out, params, grad_outputs=hjv)
+    return torch.cat([r.detach().reshape(-1) for r in result])
