@@ -9,6 +9,7 @@ import torch
 import curvscope
 
 from . import models, peers
+from .distributed import distributed_case
 from .harness import Config, Table, memory_variants, mib, ms, ratio, time_variants
 
 BLOCK = 16
@@ -190,4 +191,5 @@ def operator_cases(cfg: Config) -> list[Table]:
 
 CASES = [
     ("operators/products", "Issue 3: one product of each curvature operator", operator_cases, True),
+    ("operators/distributed", "Issue 3: one and two processes", distributed_case, False),
 ]
