@@ -75,6 +75,14 @@ def test_empirical_fisher_equals_sum_of_gradient_outer_products(make_case):
     torch.testing.assert_close(op.to_dense(), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_empirical_fisher_autograd_path_matches_closed_form():
+    case = mlp()
+    closed = curvscope.FisherOperator(case.model, case.loss_fn, case.data).to_dense()
+    plain = lambda out, y: torch.nn.functional.cross_entropy(out, y)  # noqa: E731
+    autograd = curvscope.FisherOperator(case.model, plain, case.data).to_dense()
+    torch.testing.assert_close(autograd, closed, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
 def test_loss_and_gradient_match_full_data_loss(make_case):
     case = make_case()

@@ -130,7 +130,9 @@ class FisherOperator(_OutputSpaceOperator):
     ) -> torch.Tensor:
         mean = self._loss_spec.reduction == "mean"
         if self._kind == "empirical":
-            gradients = per_example_output_gradients(self._loss_fn, output, batch.targets)
+            gradients = per_example_output_gradients(
+                self._loss_spec, self._loss_fn, output, batch.targets
+            )
             scale = 1.0 / batch.size if mean else 1.0
             return scale * _outer_products(gradients.unsqueeze(0), block)
         gradients = sampled_output_gradients(

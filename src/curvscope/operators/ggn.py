@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import jvp, vjp, vmap
 
 from .._checks import describe
@@ -39,10 +40,23 @@ class _OutputSpaceOperator(_ModelOperator):
 
     def _batch_matmat(self, state: _PassState, batch: Batch, matrix: torch.Tensor) -> torch.Tensor:
         output_fn = self._output_of(state, batch)
+        if matrix.shape[1] == 1:
+            return self._batch_matvec(output_fn, state.theta, batch, matrix[:, 0])[:, None]
         output, pullback = vjp(output_fn, state.theta)
         jv = vmap(lambda v: jvp(output_fn, (state.theta,), (v,))[1])(matrix.T)
         mjv = self._output_matmat(output.detach(), batch, jv)
         return vmap(lambda u: pullback(u)[0])(mjv).T
+
+    def _batch_matvec(
+        self, output_fn: Callable, theta: torch.Tensor, batch: Batch, vector: torch.Tensor
+    ) -> torch.Tensor:
+        """One column: a single forward pass carries both the graph for the VJP and the JVP
+        (dual numbers), which saves the second forward pass of separate jvp and vjp calls."""
+        leaf = theta.detach().requires_grad_(True)
+        with torch.enable_grad(), forward_ad.dual_level():
+            output, jv = forward_ad.unpack_dual(output_fn(forward_ad.make_dual(leaf, vector)))
+            mjv = self._output_matmat(output.detach(), batch, jv.unsqueeze(0))[0]
+            return torch.autograd.grad(output, leaf, mjv)[0]
 
 
 class GGNOperator(_OutputSpaceOperator):

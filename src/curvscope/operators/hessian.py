@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vmap
 
 from .._checks import check_choice
 from .data import Batch
@@ -20,15 +20,25 @@ _MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 def _forward_over_reverse(
     loss: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, matrix: torch.Tensor
 ) -> torch.Tensor:
+    """``H V`` by forward-mode differentiation of the gradient (torch.func), vmapped over V."""
     gradient = grad(loss)
+    if matrix.shape[1] == 1:
+        return jvp(gradient, (theta,), (matrix[:, 0],))[1][:, None]
     return vmap(lambda v: jvp(gradient, (theta,), (v,))[1])(matrix.T).T
 
 
 def _reverse_over_reverse(
     loss: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, matrix: torch.Tensor
 ) -> torch.Tensor:
-    _, pullback = vjp(grad(loss), theta)
-    return vmap(lambda v: pullback(v)[0])(matrix.T).T
+    """``H V`` by differentiating ``∇L · v`` (Pearlmutter), batched over V; on a detached leaf,
+    so no ``.grad`` is ever written."""
+    leaf = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+        if matrix.shape[1] == 1:
+            return torch.autograd.grad(gradient, leaf, matrix[:, 0])[0][:, None]
+        (product,) = torch.autograd.grad(gradient, leaf, matrix.T, is_grads_batched=True)
+    return product.T
 
 
 _PRODUCTS = {

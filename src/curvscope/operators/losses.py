@@ -127,9 +127,26 @@ def loss_hessian_matmat(
 
 
 def per_example_output_gradients(
-    loss_fn: Callable, output: torch.Tensor, targets: Any
+    spec: LossSpec, loss_fn: Callable, output: torch.Tensor, targets: Any
 ) -> torch.Tensor:
-    """``∂ℓ_n/∂output_n`` for each example, where ``ℓ_n = loss_fn`` on a batch of one: (n, ...)."""
+    """``∂ℓ_n/∂output_n`` for each example, where ``ℓ_n = loss_fn`` on a batch of one: (n, ...).
+
+    Closed forms: cross-entropy (one position per example, no class weights or smoothing)
+    ``p - onehot(y)`` (0 where the target is ignored); MSE ``2 (output - y) / m`` with m the
+    elements per example (1 for reduction "sum"). Otherwise vmap(grad) of the loss.
+    """
+    if spec.kind == "mse" and isinstance(targets, torch.Tensor) and targets.shape == output.shape:
+        per_example = output[0].numel() if spec.reduction == "mean" else 1
+        return 2.0 * (output - targets) / per_example
+    if (
+        _closed_form_cross_entropy(spec, output, targets)
+        and output.ndim == 2
+        and spec.weight is None
+        and spec.label_smoothing == 0.0
+    ):
+        keep = targets != spec.ignore_index
+        onehot = F.one_hot(torch.where(keep, targets, 0), output.shape[1]).to(output.dtype)
+        return (torch.softmax(output, dim=1) - onehot) * keep.unsqueeze(1).to(output.dtype)
 
     def one(out: torch.Tensor, target: Any) -> torch.Tensor:
         return loss_fn(out.unsqueeze(0), _unsqueeze(target))
