@@ -54,6 +54,13 @@ def _worker(rank, port, out_dir):
         results = {"main": curvscope.is_main_process()}
         for name, cls, case, data in _setups():
             results[name] = _results(cls, case, curvscope.shard(data))
+        case = mlp()
+        x, y = case.data[rank]
+        bad = [(x, y if rank == 0 else y[:, None].double())]  # targets that do not fit on rank 1
+        try:
+            curvscope.HessianOperator(case.model, case.loss_fn, bad).num_examples
+        except ValueError as err:
+            results["error"] = str(err)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -85,6 +92,8 @@ def test_two_processes_match_single_process(tmp_path):
     _run_ranks(tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     assert [r["main"] for r in ranks] == [True, False]
+    assert "set-up failed on another process (this is on rank 0 of 2)" in ranks[0]["error"]
+    assert "loss_fn(output, targets) failed on batch 0" in ranks[1]["error"]
     for name, cls, case, data in _setups():
         expected = _results(cls, case, data)
         for rank in ranks:

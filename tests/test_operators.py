@@ -1,5 +1,7 @@
 """Hessian, GGN and Fisher operators against dense float64 references built with torch.func."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from models import (
     trainable_names,
 )
 from torch.func import hessian, jacrev, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvscope
 
@@ -224,3 +227,22 @@ def test_shared_parameter_counted_once():
     op = curvscope.GGNOperator(case.model, case.loss_fn, case.data)
     assert "second.weight" not in op.param_names and "first.weight" in op.param_names
     assert op.shape[0] == sum(p.numel() for p in case.model.parameters())
+
+
+@pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
+def test_gradient_matches_plain_backward_including_shared_weights(make_case):
+    case = make_case()
+    model = copy.deepcopy(case.model).eval()
+    for batch_inputs, targets in case.data:
+        n = targets.shape[0]
+        args, kwargs = (
+            ((), batch_inputs) if isinstance(batch_inputs, dict) else ((batch_inputs,), {})
+        )
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = case.loss_fn(model(*args, **kwargs), targets)
+        if case.loss_fn.reduction == "mean":
+            loss = loss * n / sum(t.shape[0] for _, t in case.data)
+        loss.backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    _, gradient = curvscope.GGNOperator(case.model, case.loss_fn, case.data).gradient()
+    torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)

@@ -243,14 +243,26 @@ class _ModelOperator(LinearOperator):
         """Count N (one all-reduce), validate the first batch, and check determinism."""
         if self._num_examples is not None:
             return
-        with self._guard():
-            state = self._pass_state()
-            first = self._scan(state, validate=True)
-            if self._check_deterministic:
-                self._compare(first, self._scan(state, validate=False))
+        first: list[tuple] = []
+        error: Exception | None = None
+        try:
+            with self._guard():
+                state = self._pass_state()
+                first = self._scan(state, validate=True)
+                if self._check_deterministic:
+                    self._compare(first, self._scan(state, validate=False))
+        except (TypeError, ValueError) as err:  # other processes must not wait for this one
+            error = err
         local = sum(size for _, size, _, _ in first)
-        count = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
-        count = all_reduce_sum(count)
+        flags = [float(local), float(error is not None)]
+        count, failed = all_reduce_sum(torch.tensor(flags, dtype=torch.float64, device=self.device))
+        if error is not None:
+            raise error
+        if failed > 0:
+            raise ValueError(
+                f"curvscope.{self._func}(data=...): set-up failed on another process (this is"
+                f"{self._rank_text() or ' the only one'}); see the error raised there."
+            )
         if int(count.item()) == 0:
             raise value_error(
                 self._func, "data", "at least one example", self._data, "The data is empty."
