@@ -48,8 +48,9 @@ def test_hessian_equals_torch_func_hessian_of_full_data_loss(make_case):
     op = curvscope.HessianOperator(case.model, case.loss_fn, case.data)
     dense = op.to_dense()
     if case.name == "transformer":
-        # torch.func.hessian (jacfwd or jacrev over jacrev) returns a non-symmetric matrix for
-        # this model in torch 2.13, off from finite differences; torch.autograd agrees with both.
+        # torch.func.hessian (jacfwd over jacrev) is wrong for this model in torch 2.13: jvp of a
+        # vmapped vjp gives a non-symmetric matrix off from finite differences, while jvp of
+        # grad, torch.autograd.functional.hessian and finite differences all agree.
         expected = torch.autograd.functional.hessian(loss, theta)
     else:
         expected = hessian(loss)(theta)
