@@ -115,3 +115,25 @@ def test_batch_hessian_dict():
         expected = torch.func.hessian(loss)({"a": xs["a"][index], "b": xs["b"][index]})
         torch.testing.assert_close(result["a"]["a"][index], expected["a"]["a"])
         torch.testing.assert_close(result["a"]["b"][index], expected["a"]["b"])
+
+
+def test_model_parameters_as_a_dict():
+    """The usual use: the Hessian of a loss w.r.t. a model's named parameters (requires_grad)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model = model.double()
+    inputs = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    params = dict(model.named_parameters())
+
+    def loss(p):
+        logits = torch.func.functional_call(model, p, (inputs,))
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    vector, unflatten = curvscope.flatten({k: v.detach() for k, v in params.items()})
+    expected = reference_hessian(lambda v: loss(unflatten(v)), vector)
+    torch.testing.assert_close(curvscope.hessian(loss, params, flat=True, chunk_size=7), expected)
+    diagonal = curvscope.hessian_diagonal(loss, params, chunk_size=5)
+    assert list(diagonal) == list(params)
+    torch.testing.assert_close(curvscope.flatten(diagonal)[0], torch.diagonal(expected))
