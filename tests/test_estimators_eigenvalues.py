@@ -1,0 +1,172 @@
+"""curvscope.eigenvalues against numpy's eigvalsh on dense matrices with known spectra."""
+
+import numpy as np
+import pytest
+import torch
+
+import curvscope
+
+
+def matrix_with_spectrum(values, seed=0):
+    """A dense symmetric float64 matrix Q diag(values) Q^T with a random orthogonal Q."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((len(values), len(values))))
+    matrix = (basis * values) @ basis.T
+    return torch.as_tensor((matrix + matrix.T) / 2)
+
+
+rng = np.random.default_rng(1)
+SPECTRA = {
+    "clustered": np.r_[[3.0, 2.99, 2.98, 2.97], rng.uniform(0, 2.5, 116)],
+    "spiked": np.r_[[100.0, 60.0, 30.0, 10.0], rng.uniform(-1, 1, 116)],
+    "indefinite": rng.standard_normal(120),
+    "repeated": np.r_[[5.0, 5.0, 3.0, -4.0, -4.0], rng.uniform(-2, 2, 115)],
+}
+
+
+def reference(eigs, which, k):
+    eigs = np.sort(eigs)
+    if which == "largest":
+        return eigs[::-1][:k]
+    if which == "smallest":
+        return eigs[:k]
+    if which == "magnitude":
+        return eigs[np.argsort(-np.abs(eigs), kind="stable")][:k]
+    return np.sort(np.r_[eigs[:k], eigs[::-1][:k]])
+
+
+MISSED_COPY = pytest.mark.xfail(
+    strict=True,
+    reason="known limitation: a single-vector Krylov space holds one vector per eigenspace; here "
+    "the wanted pairs converge (24 products) before rounding brings in the second copy of 5",
+)
+CASES = [
+    pytest.param(
+        name, which, marks=MISSED_COPY if (name, which) == ("repeated", "magnitude") else ()
+    )
+    for name in sorted(SPECTRA)
+    for which in ["largest", "smallest", "magnitude", "both"]
+]
+
+
+@pytest.mark.parametrize(("name", "which"), CASES)
+def test_values_match_eigvalsh_within_residuals(name, which):
+    matrix = matrix_with_spectrum(SPECTRA[name])
+    op = curvscope.DenseOperator(matrix)
+    k = 3
+    result = curvscope.eigenvalues(op, k=k, which=which, tol=1e-8, max_matvecs=3000)
+    expected = reference(SPECTRA[name], which, k)
+    assert result.values.shape == (2 * k if which == "both" else k,)
+    assert result.all_converged and result.status == "converged"
+    assert result.method == "lanczos"
+    error = np.abs(result.values.numpy() - expected)
+    assert np.all(error <= result.residual_norms.numpy() + 1e-12)
+    # the reported residuals are the true ones, and the flags agree with them
+    vectors = result.vectors
+    true = torch.linalg.vector_norm(matrix @ vectors - vectors * result.values, dim=0)
+    assert torch.all(true <= 1.01 * result.residual_norms + 1e-13)
+    bound = 1e-8 * torch.clamp(result.values.abs(), min=1e-300)
+    assert torch.equal(result.converged, result.residual_norms <= bound) or result.all_converged
+    gram = vectors.T @ vectors
+    assert torch.allclose(gram, torch.eye(len(expected)), atol=1e-8)
+
+
+def test_order_of_values():
+    eigs = np.r_[[9.0, 7.0, -8.0, -10.0], np.linspace(-1, 1, 60)]
+    op = curvscope.DenseOperator(matrix_with_spectrum(eigs))
+    largest = curvscope.eigenvalues(op, k=2, tol=1e-10).values.tolist()
+    smallest = curvscope.eigenvalues(op, k=2, which="smallest", tol=1e-10).values.tolist()
+    magnitude = curvscope.eigenvalues(op, k=3, which="magnitude", tol=1e-10).values.tolist()
+    both = curvscope.eigenvalues(op, k=2, which="both", tol=1e-10).values.tolist()
+    assert largest == pytest.approx([9.0, 7.0])
+    assert smallest == pytest.approx([-10.0, -8.0])
+    assert magnitude == pytest.approx([-10.0, 9.0, -8.0])
+    assert both == pytest.approx([-10.0, -8.0, 7.0, 9.0])
+
+
+def test_no_ghost_duplicates_after_many_restarts():
+    # one dominant eigenvalue and a slowly converging rest: many restarts, no ghost copies
+    eigs = np.r_[[10.0], 1.0 - np.geomspace(1e-3, 1, 199)]
+    op = curvscope.DenseOperator(matrix_with_spectrum(eigs, seed=3))
+    result = curvscope.eigenvalues(op, k=4, tol=1e-10, max_matvecs=2000)
+    assert result.num_restarts > 0
+    values = np.sort(result.values.numpy())
+    gaps = np.diff(values)
+    assert np.all(gaps > result.residual_norms.numpy().max())
+    expected = np.sort(reference(eigs, "largest", 4))
+    assert np.allclose(values, expected, atol=1e-8)
+
+
+def test_non_convergence_is_reported():
+    op = curvscope.DenseOperator(matrix_with_spectrum(SPECTRA["clustered"]))
+    result = curvscope.eigenvalues(op, k=4, tol=1e-10, max_matvecs=6)
+    assert result.num_matvecs == 6
+    assert not result.all_converged and result.status == "max_matvecs"
+    assert torch.equal(result.converged, result.residual_norms <= 1e-10 * result.values.abs())
+    # each value still lies within its residual of some eigenvalue, and below its target
+    eigs = SPECTRA["clustered"]
+    distance = np.abs(result.values.numpy()[:, None] - eigs[None, :]).min(axis=1)
+    assert np.all(distance <= result.residual_norms.numpy() + 1e-12)
+    assert np.all(result.values.numpy() <= reference(eigs, "largest", 4) + 1e-12)
+
+
+def test_warm_start_uses_fewer_products():
+    eigs = np.r_[[4.0, 3.9, 3.8], rng.uniform(0, 3.5, 150)]
+    matrix = matrix_with_spectrum(eigs, seed=5)
+    cold = curvscope.eigenvalues(curvscope.DenseOperator(matrix), k=3, tol=1e-8)
+    noise = 1e-4 * matrix_with_spectrum(rng.standard_normal(153), seed=6)
+    moved = curvscope.DenseOperator(matrix + noise)
+    again = curvscope.eigenvalues(moved, k=3, tol=1e-8)
+    warm = curvscope.eigenvalues(moved, k=3, tol=1e-8, v0=cold.vectors)
+    assert warm.all_converged
+    assert warm.num_matvecs < 0.6 * again.num_matvecs
+    assert torch.allclose(warm.values, again.values, atol=1e-7)
+    single = curvscope.eigenvalues(moved, k=1, tol=1e-8, v0=cold.vectors[:, 0])
+    assert single.values[0] == pytest.approx(again.values[0], abs=1e-7)
+
+
+def test_tiny_operator_uses_dense_path():
+    eigs = [3.0, -1.0, 2.0, 0.5, 7.0]
+    op = curvscope.DenseOperator(matrix_with_spectrum(eigs))
+    result = curvscope.eigenvalues(op, k=2, which="both")
+    assert result.method == "dense" and result.num_matvecs == 5
+    assert result.values.tolist() == pytest.approx([-1.0, 0.5, 3.0, 7.0])
+
+
+def test_deterministic_and_no_side_effects():
+    matrix = matrix_with_spectrum(SPECTRA["indefinite"])
+    op = curvscope.DenseOperator(matrix.clone())
+    state = torch.random.get_rng_state()
+    first = curvscope.eigenvalues(op, k=3, seed=7)
+    second = curvscope.eigenvalues(op, k=3, seed=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first.values, second.values)
+    assert torch.equal(first.vectors, second.vectors)
+    assert torch.equal(op.to_dense(), matrix)
+    assert op.num_matvecs == first.num_matvecs + second.num_matvecs
+
+
+def test_float32_operator_and_duck_typing():
+    matrix = matrix_with_spectrum(SPECTRA["spiked"])
+
+    class Duck:
+        shape, dtype, device = matrix.shape, torch.float32, torch.device("cpu")
+
+        def matmat(self, block):
+            return matrix.float() @ block
+
+    result = curvscope.eigenvalues(Duck(), k=2, tol=1e-4)
+    assert result.vectors.dtype == torch.float32
+    assert result.values.tolist() == pytest.approx([100.0, 60.0], rel=1e-4)
+    assert result.all_converged
+
+
+def test_frozen_and_to_dict():
+    op = curvscope.DenseOperator(matrix_with_spectrum(SPECTRA["spiked"]))
+    result = curvscope.eigenvalues(op, k=2)
+    with pytest.raises(AttributeError):
+        result.num_matvecs = 3
+    out = result.to_dict()
+    assert out["kind"] == "EigenResult" and "vectors" not in out
+    assert out["values"] == pytest.approx([100.0, 60.0]) and out["converged"] == [True, True]
