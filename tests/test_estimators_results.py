@@ -1,0 +1,53 @@
+"""Every estimator result is a frozen dataclass with num_matvecs and a JSON-ready to_dict."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import curvscope
+
+
+def make_op():
+    values = torch.linspace(-1.0, 3.0, 40, dtype=torch.float64)
+    return curvscope.DenseOperator(torch.diag(values))
+
+
+RESULTS = {
+    "EigenResult": lambda op: curvscope.eigenvalues(op, k=2),
+    "TraceEstimate": lambda op: curvscope.trace(op, num_matvecs=3),
+    "DiagonalEstimate": lambda op: curvscope.diagonal(op, method="xdiag", num_matvecs=4),
+    "SpectralDensity": lambda op: curvscope.spectral_density(op, num_probes=2, lanczos_steps=5),
+    "FrobeniusNormEstimate": lambda op: curvscope.frobenius_norm(op, num_matvecs=4),
+    "SolveResult": lambda op: curvscope.solve(op, torch.ones(40), damping=2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESULTS))
+def test_frozen_counted_and_json_ready(name):
+    op = make_op()
+    result = RESULTS[name](op)
+    assert type(result).__name__ == name and name in curvscope.__all__
+    assert getattr(curvscope, name) is type(result)
+    assert dataclasses.is_dataclass(result)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.num_matvecs = 0
+    assert result.num_matvecs == op.num_matvecs > 0
+    out = result.to_dict()
+    assert out["kind"] == name and out["num_matvecs"] == result.num_matvecs
+    json.dumps(out, allow_nan=False)
+
+
+def test_infinite_error_becomes_none():
+    result = curvscope.trace(make_op(), method="hutch++", num_matvecs=3)
+    assert result.std_error == float("inf") and result.to_dict()["std_error"] is None
+
+
+def test_progress_bar_writes_to_stderr(capsys):
+    op = make_op()
+    curvscope.eigenvalues(op, k=1, progress=True)
+    curvscope.trace(op, progress=True)
+    curvscope.solve(op, torch.ones(40), damping=2.0, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "eigenvalues" in captured.err and "products" in captured.err
