@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from models import MODEL_CASES, case_id
 
 import curvscope
 
@@ -17,7 +18,7 @@ def matrix_with_spectrum(values, seed=0):
 
 def test_wasserstein_distance_small_with_defaults():
     rng = np.random.default_rng(0)
-    eigs = np.r_[[40.0, 25.0, 10.0], rng.exponential(0.5, 300) - 0.2]
+    eigs = np.r_[[40.0, 25.0, 10.0], rng.exponential(0.5, 500) - 0.2]
     op = curvscope.DenseOperator(matrix_with_spectrum(eigs))
     result = curvscope.spectral_density(op)
     nodes, weights = result.atoms()
@@ -26,13 +27,17 @@ def test_wasserstein_distance_small_with_defaults():
     assert distance <= 0.02 * (eigs.max() - eigs.min())
     assert result.lower <= eigs.min() + 1e-6 and result.upper >= eigs.max() - 1e-6
     assert result.num_matvecs == result.num_probes * result.lanczos_steps
+    assert result.method == "slq" and result.nodes.shape == (result.num_probes, 48)
 
 
 def test_density_integrates_to_one_and_small_spectrum_exact():
     op = curvscope.DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0])))
-    result = curvscope.spectral_density(op, num_probes=3, lanczos_steps=10)
-    assert result.lanczos_steps == 4 and result.nodes.shape == (3, 4)
-    assert torch.allclose(result.nodes, torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(3, 4))
+    exact = curvscope.spectral_density(op, num_probes=3, lanczos_steps=10)
+    assert exact.method == "exact" and exact.num_matvecs == 4
+    assert exact.nodes.tolist() == [[1.0, 2.0, 3.0, 4.0]] and exact.weights.sum() == 1
+    result = curvscope.spectral_density(op, num_probes=1, lanczos_steps=3)
+    assert result.method == "slq" and result.nodes.shape == (1, 3) and result.num_matvecs == 3
+    assert result.lower <= 1.0 and result.upper >= 4.0
     grid = np.linspace(-2, 7, 2001)
     curve = result.density(grid, sigma=0.1)
     assert isinstance(curve, np.ndarray)
@@ -60,3 +65,13 @@ def test_deterministic_and_untouched():
     assert torch.equal(first.nodes, second.nodes)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(op.to_dense(), matrix)
+
+
+@pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
+def test_model_hessian_density_wasserstein(make_case):
+    case = make_case()
+    op = curvscope.HessianOperator(case.model, case.loss_fn, case.data)
+    eigs = np.linalg.eigvalsh(op.to_dense().numpy())
+    nodes, weights = curvscope.spectral_density(op).atoms()
+    distance = scipy.stats.wasserstein_distance(nodes.numpy(), eigs, u_weights=weights.numpy())
+    assert distance <= 0.02 * (eigs.max() - eigs.min())

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from models import MODEL_CASES, case_id
 
 import curvscope
 
@@ -58,3 +59,17 @@ def test_deterministic_and_untouched():
     assert torch.equal(first.value, second.value)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(op.to_dense(), matrix)
+
+
+@pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
+def test_model_hessian_diagonal_by_name(make_case):
+    case = make_case()
+    op = curvscope.HessianOperator(case.model, case.loss_fn, case.data)
+    dense = op.to_dense()
+    result = curvscope.diagonal(op, method="exact")
+    assert torch.allclose(result.value, dense.diagonal(), atol=1e-10)
+    parts = result.by_name()
+    assert list(parts) == op.param_names
+    for name, shape in op.param_shapes.items():
+        assert parts[name].shape == shape
+        assert torch.equal(result[name], op.unflatten(dense.diagonal())[name].to(parts[name]))

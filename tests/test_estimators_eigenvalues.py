@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from models import MODEL_CASES, case_id
 
 import curvscope
 
@@ -170,3 +171,15 @@ def test_frozen_and_to_dict():
     out = result.to_dict()
     assert out["kind"] == "EigenResult" and "vectors" not in out
     assert out["values"] == pytest.approx([100.0, 60.0]) and out["converged"] == [True, True]
+
+
+@pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
+def test_model_hessians_match_eigvalsh(make_case):
+    case = make_case()
+    op = curvscope.HessianOperator(case.model, case.loss_fn, case.data)
+    eigs = np.linalg.eigvalsh(op.to_dense().numpy())
+    k = min(2, op.shape[0] // 2)
+    result = curvscope.eigenvalues(op, k=k, which="both", tol=1e-8, max_matvecs=2000)
+    assert result.all_converged
+    error = np.abs(result.values.numpy() - reference(eigs, "both", k))
+    assert np.all(error <= result.residual_norms.numpy() + 1e-10)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from models import MODEL_CASES, case_id
 
 import curvscope
 
@@ -50,3 +51,16 @@ def test_dict_rhs_and_zero_rhs():
     assert set(result.x) == {"matrix"} and result.converged
     zero = curvscope.solve(op, torch.zeros(5))
     assert zero.converged and zero.num_matvecs == 0 and torch.all(zero.x == 0)
+
+
+@pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
+def test_model_hessian_damped_solve(make_case):
+    case = make_case()
+    op = curvscope.HessianOperator(case.model, case.loss_fn, case.data)
+    dense = op.to_dense()
+    damping = float(torch.linalg.eigvalsh(dense)[0].abs()) + 0.1
+    b = torch.linspace(-1, 1, op.shape[0], dtype=op.dtype)
+    result = curvscope.solve(op, b, damping=damping, tol=1e-10)
+    expected = torch.linalg.solve(dense + damping * torch.eye(op.shape[0]), b)
+    assert result.converged
+    assert float((result.x - expected).norm() / expected.norm()) < 1e-6

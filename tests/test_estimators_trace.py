@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from models import MODEL_CASES, case_id
 
 import curvscope
 
@@ -73,3 +74,13 @@ def test_deterministic_rng_untouched_operator_untouched():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(op.to_dense(), matrix)
     assert op.num_matvecs == 40
+
+
+@pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
+def test_model_hessian_traces(make_case):
+    case = make_case()
+    op = curvscope.HessianOperator(case.model, case.loss_fn, case.data)
+    true = float(op.to_dense().trace())
+    assert curvscope.trace(op, method="exact").value == pytest.approx(true, rel=1e-10, abs=1e-10)
+    estimate = curvscope.trace(op, method="hutch++", num_matvecs=30, confidence=0.999)
+    assert estimate.ci_low <= true <= estimate.ci_high

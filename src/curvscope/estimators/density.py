@@ -33,7 +33,9 @@ class SpectralDensity(Result):
         lower, upper: estimated bounds of the spectrum: the extreme nodes widened by their
             Ritz residual norms.
         num_matvecs: products used.
-        num_probes, lanczos_steps: the settings used.
+        num_probes, lanczos_steps: the settings used (1 and P for the exact method).
+        method: ``"slq"``, or ``"exact"`` when P <= num_probes * lanczos_steps: then the P
+            eigenvalues of the dense matrix from P products, each of weight 1/P, cost no more.
     """
 
     nodes: torch.Tensor
@@ -43,6 +45,7 @@ class SpectralDensity(Result):
     num_matvecs: int
     num_probes: int
     lanczos_steps: int
+    method: str = "slq"
 
     def atoms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat (nodes, weights) of the approximating distribution, weights summing to 1."""
@@ -131,6 +134,24 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple:
     return nodes, weights, min(lows), max(highs)
 
 
+def _exact(apply: Counter, op: Any) -> SpectralDensity:
+    """The exact eigenvalue distribution from the dense matrix (P products)."""
+    size = op.shape[0]
+    matrix = apply(torch.eye(size, dtype=op.dtype, device=op.device))
+    matrix = matrix.detach().to("cpu", torch.float64)
+    eigs = torch.linalg.eigvalsh((matrix + matrix.T) / 2)
+    return SpectralDensity(
+        nodes=eigs[None, :],
+        weights=torch.full((1, size), 1.0 / size, dtype=torch.float64),
+        lower=float(eigs[0]),
+        upper=float(eigs[-1]),
+        num_matvecs=apply.count,
+        num_probes=1,
+        lanczos_steps=size,
+        method="exact",
+    )
+
+
 def spectral_density(
     op: Any,
     *,
@@ -145,7 +166,9 @@ def spectral_density(
     Gauss rule from m Lanczos steps started at v (nodes theta_j the Ritz values, weights w_j the
     squared first components of their eigenvectors). Averaging over Rademacher probes estimates
     (1/P) sum_i f(lambda_i) (Ubaru, Chen & Saad, SIAM J. Matrix Anal. Appl. 38(4), 2017). Each
-    probe's basis is fully reorthogonalised; probes share block products.
+    probe's basis is fully reorthogonalised; probes share block products. When
+    ``P <= num_probes * lanczos_steps`` the exact distribution costs no more (P products) and
+    is returned instead (``method="exact"``).
 
     Args:
         op: a symmetric (P, P) operator.
@@ -162,7 +185,7 @@ def spectral_density(
     Example:
         >>> import torch, curvscope
         >>> op = curvscope.DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0]).double()))
-        >>> [round(x, 6) for x in curvscope.spectral_density(op, num_probes=1).nodes[0].tolist()]
+        >>> [round(x, 6) for x in curvscope.spectral_density(op).nodes[0].tolist()]
         [1.0, 2.0, 3.0]
     """
     op = check_operator(op, _FUNC)
@@ -170,6 +193,8 @@ def spectral_density(
     steps = min(check_int(_FUNC, "lanczos_steps", lanczos_steps, minimum=1), op.shape[0])
     gen = generator(_FUNC, seed)
     size, apply = op.shape[0], Counter(op)
+    if size <= num_probes * steps:
+        return _exact(apply, op)
     group = max(1, min(num_probes, _MAX_BASIS_ENTRIES // max(steps * size, 1)))
     alphas, betas = [], []
     with Progress(progress, "spectral density", num_probes * steps) as bar:

@@ -198,6 +198,10 @@ def trace(
             run = {"hutchinson": _hutchinson, "hutch++": _hutch_plus_plus, "xtrace": _xtrace}
             value, error, dof = run[method](apply, op, budget, gen)
         bar.update(apply.count, error)
+    if method != "exact":
+        # rounding in the products and sums: never claim more accuracy than the arithmetic has
+        rounding = 10 * torch.finfo(op.dtype).eps * math.sqrt(op.shape[0]) * abs(value)
+        error = math.hypot(error, rounding)
     half = 0.0 if error == 0 else quantile(confidence, dof) * error
     if not math.isfinite(half):
         half = math.inf
