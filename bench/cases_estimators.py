@@ -129,9 +129,8 @@ def _eig_verdicts(table: Table, rows: dict) -> None:
 
 def eigenvalue_cases(cfg: Config) -> list[Table]:
     tables = []
-    digits = models.digits(dtype=torch.float64)
-    op = curvscope.HessianOperator(digits.model, digits.loss_fn, digits.batches)
-    exact_all = np.sort(torch.linalg.eigvalsh(op.to_dense()).numpy())[::-1]
+    digits, dense = _exact_digits_hessian()
+    exact_all = np.sort(torch.linalg.eigvalsh(dense).numpy())[::-1]
     cnn = models.cnn(num_images=cfg.n(256, 64), dtype=torch.float64)
     cnn_op = curvscope.HessianOperator(cnn.model, cnn.loss_fn, cnn.batches)
     cnn_ref = np.sort(
@@ -158,10 +157,16 @@ def eigenvalue_cases(cfg: Config) -> list[Table]:
     return tables
 
 
+_EXACT: list = []
+
+
 def _exact_digits_hessian() -> tuple[models.Problem, torch.Tensor]:
-    digits = models.digits(dtype=torch.float64)
-    op = curvscope.HessianOperator(digits.model, digits.loss_fn, digits.batches)
-    return digits, op.to_dense()
+    """The float64 digits problem and its dense Hessian (built once per process)."""
+    if not _EXACT:
+        digits = models.digits(dtype=torch.float64)
+        op = curvscope.HessianOperator(digits.model, digits.loss_fn, digits.batches)
+        _EXACT.extend([digits, op.to_dense()])
+    return _EXACT[0], _EXACT[1]
 
 
 def _trace_value(result) -> float:
