@@ -183,6 +183,8 @@ def eigenvalues(
     A lies within that distance of theta. Convergence is checked after every product; converged
     pairs are kept at every restart and locked once exact to rounding. Operators with
     ``P <= max(2k + 10, 30)`` (k doubled for "both") are solved exactly from P products.
+    Like every single-vector Krylov method (ARPACK included) it may miss the second copy of a
+    repeated eigenvalue when the wanted pairs converge before rounding brings that copy in.
 
     Args:
         op: a symmetric (P, P) operator (e.g. HessianOperator, DenseOperator).

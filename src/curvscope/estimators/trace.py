@@ -164,7 +164,9 @@ def trace(
     ``"hutch++"``: tr(A) = tr(Q^T A Q) + E[z^T (I-QQ^T) A (I-QQ^T) z] with Q = orth(A S), a third
     of the budget each (Meyer, Musco, Musco & Woodruff, SOSA 2021); error from the variance of the
     deflated part, the only random part given Q. ``"xtrace"``: the exchangeable estimator of
-    Epperly, Tropp & Webber (SIAM J. Matrix Anal. Appl., 2024) with its leave-one-out error.
+    Epperly, Tropp & Webber (SIAM J. Matrix Anal. Appl., 2024) with its leave-one-out error
+    (the spread of the leave-one-out estimates, which are correlated: on test spectra its 95%
+    interval covered 83-88% of seeds, so treat it as indicative; hutch++'s is calibrated).
     ``"exact"``: the sum of e_i^T A e_i (P products; ``num_matvecs`` is ignored).
 
     Args:
