@@ -1,5 +1,17 @@
-"""The command-line interface (being built)."""
+"""The command-line interface: ``curvscope analyze`` (typer + rich).
+
+The CLI only parses arguments and calls the public Python API (``curvscope.analyze``,
+``Report.save``, the loading helpers of ``curvscope.report.loading``).
+"""
+
+from __future__ import annotations
 
 
 def main() -> None:
-    raise SystemExit("curvscope: the command-line interface is not built yet")
+    """Entry point of the ``curvscope`` console script."""
+    from .app import app
+
+    app()
+
+
+__all__ = ["main"]

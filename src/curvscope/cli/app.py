@@ -1,0 +1,83 @@
+"""``curvscope analyze``: parse the options, load the inputs, analyse, save, summarise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="curvscope: the curvature of trained PyTorch networks.",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """curvscope: the curvature of trained PyTorch networks (run `curvscope analyze --help`)."""
+
+
+@app.command()
+def analyze(
+    model: Annotated[
+        str | None, typer.Option(help="Model factory 'package.module:factory' (built-in if unset).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="State dict file (loaded with weights_only=True).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data factory 'package.module:factory' -> batches.")
+    ] = None,
+    loss: Annotated[
+        str, typer.Option(help="cross_entropy, mse or 'package.module:callable'.")
+    ] = "cross_entropy",
+    curvature: Annotated[str, typer.Option(help="hessian, ggn or fisher.")] = "hessian",
+    params: Annotated[
+        str | None, typer.Option(help="Comma-separated parameter names, globs or regexes.")
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Number of largest eigenvalues.")] = 6,
+    bottom_k: Annotated[int, typer.Option(min=0, help="Number of smallest eigenvalues.")] = 3,
+    trace_matvecs: Annotated[
+        int, typer.Option(min=3, help="Products for the trace and diagonal.")
+    ] = 100,
+    no_density: Annotated[bool, typer.Option("--no-density", help="Skip the density.")] = False,
+    no_landscape: Annotated[
+        bool, typer.Option("--no-landscape", help="Skip the loss landscape.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of every random probe.")] = 0,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("curvscope-report"),
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the results JSON on stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress and no summary.")] = False,
+) -> None:
+    """Analyse a trained model's curvature and write an HTML report (built-in example if no
+    --model/--data)."""
+    options = dict(locals())
+    from ..report.loading import BadInputError
+
+    try:
+        _run(**options)
+    except BadInputError as error:
+        _fail(str(error), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; no report was written.", 130)
+    except Exception as error:
+        detail = " ".join(str(error).split())
+        _fail(f"the analysis failed ({type(error).__name__}: {detail}); no report written.", 1)
+
+
+def _fail(text: str, code: int) -> None:
+    print(f"curvscope: error: {text}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _run(**options: object) -> None:
+    from .run import run
+
+    run(**options)

@@ -1,0 +1,120 @@
+"""The body of ``curvscope analyze``: load, analyse, save (rank 0 only), summarise."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import curvscope
+from curvscope.report import loading
+
+
+def run(
+    *,
+    model: str | None,
+    checkpoint: Path | None,
+    data: str | None,
+    loss: str,
+    curvature: str,
+    params: str | None,
+    top_k: int,
+    bottom_k: int,
+    trace_matvecs: int,
+    no_density: bool,
+    no_landscape: bool,
+    device: str,
+    dtype: str,
+    seed: int,
+    out: Path,
+    json_output: bool,
+    quiet: bool,
+) -> None:
+    """Run the analysis described by the command-line options (see ``curvscope analyze``)."""
+    if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory load
+        sys.path.insert(0, os.getcwd())
+    main = curvscope.is_main_process()
+    show = main and not quiet
+    loading.resolve_choice(curvature, ("hessian", "ggn", "fisher"), "--curvature")
+    torch_dtype = loading.DTYPES[loading.resolve_choice(dtype, loading.DTYPES, "--dtype")]
+    torch_device = loading.resolve_device(device)
+    loss_fn = loading.resolve_loss(loss)
+    start = time.perf_counter()
+    if model is None and data is None:
+        if checkpoint is not None:
+            raise loading.BadInputError("--checkpoint needs --model (and --data).")
+        if show:
+            print("curvscope: training the built-in digits example ...", file=sys.stderr)
+        network, loss_fn, batches = curvscope.digits_example(
+            seed=seed, dtype=torch_dtype, device=torch_device
+        )
+        first_step = "training"
+    else:
+        network, batches = _load_user(model, checkpoint, data, torch_dtype, torch_device)
+        loading.check_batches(network, loss_fn, batches)
+        first_step = "loading"
+    setup_seconds = time.perf_counter() - start
+    report = curvscope.analyze(
+        network,
+        loss_fn,
+        batches,
+        curvature=curvature,
+        params=loading.resolve_params(network, params),
+        top_k=top_k,
+        bottom_k=bottom_k,
+        trace_matvecs=trace_matvecs,
+        density=not no_density,
+        landscape=not no_landscape,
+        seed=seed,
+        progress=show,
+    )
+    start = time.perf_counter()
+    if main:
+        report.save(out)
+    timings = [(first_step, setup_seconds), *[(s.name, s.seconds) for s in report.steps]]
+    timings.append(("rendering", time.perf_counter() - start))
+    if main and json_output:
+        print(report.to_json())
+    if show:
+        _summary(report, out, timings, stream=sys.stderr if json_output else sys.stdout)
+
+
+def _load_user(
+    model: str | None, checkpoint: Path | None, data: str | None, dtype: Any, device: Any
+) -> tuple[Any, list[Any]]:
+    if model is None or data is None:
+        missing = "--data" if data is None else "--model"
+        raise loading.BadInputError(
+            f"{missing} is missing: pass both --model and --data, or neither for the "
+            "built-in example."
+        )
+    network = loading.load_model(model)
+    if checkpoint is not None:
+        loading.load_checkpoint(network, checkpoint)
+    return loading.prepare(network, loading.load_data(data), dtype=dtype, device=device)
+
+
+def _summary(report: Any, out: Path, timings: list[tuple[str, float]], *, stream: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream)
+    table = Table(title=f"curvscope: {report.model}, {report.curvature}", show_header=False)
+    top = [float(x) for x in report.top.values]
+    table.add_row("parameters / examples", f"{report.num_params:,} / {report.num_examples:,}")
+    table.add_row("loss / gradient norm", f"{report.loss:.4g} / {report.gradient_norm:.3g}")
+    table.add_row("largest eigenvalues", ", ".join(f"{x:.4g}" for x in top))
+    if report.bottom is not None:
+        table.add_row(
+            "smallest eigenvalues", ", ".join(f"{float(x):.3g}" for x in report.bottom.values)
+        )
+    trace = report.trace
+    table.add_row("trace", f"{trace.value:.4g} [{trace.ci_low:.4g}, {trace.ci_high:.4g}]")
+    for key, text in report.interpretation.items():
+        table.add_row(key, text)
+    table.add_row("products", f"{report.num_matvecs:,}")
+    table.add_row("time by step", ", ".join(f"{name} {sec:.2f}s" for name, sec in timings))
+    table.add_row("report", str(Path(out) / "index.html"))
+    console.print(table)
