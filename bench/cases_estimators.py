@@ -203,10 +203,13 @@ def trace_cases(cfg: Config) -> list[Table]:
     grid = (10, 20, 30, 50, 100, 150, 200, 300, 500, 1000)
     errors = {}
     for label, run in methods.items():
+        cache: dict[int, float] = {}
 
-        def err(n, run=run):
-            values = [_trace_value(run(n, s)) for s in seeds]
-            return statistics.median(abs(v - exact) / abs(exact) for v in values)
+        def err(n, run=run, cache=cache):
+            if n not in cache:
+                values = [_trace_value(run(n, s)) for s in seeds]
+                cache[n] = statistics.median(abs(v - exact) / abs(exact) for v in values)
+            return cache[n]
 
         needed = next((n for n in grid if err(n) <= 0.01), None)
         errors[label] = (err(100), err(300))
