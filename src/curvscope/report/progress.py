@@ -46,7 +46,7 @@ class StepRunner:
                 TextColumn("eta"),
                 TimeRemainingColumn(),
                 console=Console(stderr=True),
-                transient=False,
+                transient=True,
             )
 
     def __enter__(self) -> StepRunner:
