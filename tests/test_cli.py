@@ -214,3 +214,10 @@ def test_demo_built_in_example_end_to_end(tmp_path):
     assert len(report["top"]["values"]) == 6 and len(report["bottom"]["values"]) == 3
     assert report["top"]["values"][0] > 0
     assert "time by step" in done.stdout and "training" in done.stdout
+
+
+def test_only_rank_0_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    result, out = invoke(*USER, *SMALL, "--no-landscape", "--json", tmp_path=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and not out.exists()

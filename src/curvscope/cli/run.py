@@ -35,7 +35,7 @@ def run(
     """Run the analysis described by the command-line options (see ``curvscope analyze``)."""
     if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory load
         sys.path.insert(0, os.getcwd())
-    main = curvscope.is_main_process()
+    main = _start_distributed()
     show = main and not quiet
     loading.resolve_choice(curvature, ("hessian", "ggn", "fisher"), "--curvature")
     torch_dtype = loading.DTYPES[loading.resolve_choice(dtype, loading.DTYPES, "--dtype")]
@@ -79,6 +79,18 @@ def run(
         print(report.to_json())
     if show:
         _summary(report, out, timings, stream=sys.stderr if json_output else sys.stdout)
+
+
+def _start_distributed() -> bool:
+    """Join the process group under torchrun (when the library offers it); True on rank 0.
+
+    The RANK variable set by torchrun is checked too, so that a run whose process group is not
+    initialised still has one writer.
+    """
+    start = getattr(curvscope, "init_distributed", None)
+    if start is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        start()
+    return curvscope.is_main_process() and os.environ.get("RANK", "0") == "0"
 
 
 def _load_user(

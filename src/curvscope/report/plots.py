@@ -90,7 +90,7 @@ def density_figure(report: Any) -> bytes:
 
 def landscape_line_figure(landscape: Any) -> bytes:
     """Loss along the top eigenvector and a random direction, each with its quadratic model."""
-    figure, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(8.0, 3.2))
     lines = (landscape.top, landscape.random)
     for axis, line, color in zip(axes, lines, (TOP, RANDOM), strict=True):
         axis.plot(line.t, line.loss, color=color, marker=".", label="loss")
@@ -101,6 +101,7 @@ def landscape_line_figure(landscape: Any) -> bytes:
         axis.set_xlabel("t")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("loss")
+    axes[1].set_ylabel("loss")
     axes[0].legend(loc="upper center")
     return _png(figure)
 
