@@ -125,7 +125,7 @@ def cube_sum(x):
     return CubeWithoutJvp.apply(x).sum()
 
 
-def test_hvp_auto_falls_back_to_reverse_over_reverse():
+def test_hvp_auto_needs_no_forward_ad():
     x, v = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])
     with pytest.raises(NotImplementedError, match="jvp"):
         curvscope.hvp(cube_sum, x, v, mode="forward-over-reverse")

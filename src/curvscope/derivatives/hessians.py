@@ -65,7 +65,7 @@ def hessian(
         f: a function of ``x`` returning a scalar Tensor.
         x: a floating Tensor, or a tuple or dict of them.
         chunk_size: basis vectors per vmapped batch of HVPs; smaller uses less memory, the result
-            is the same. None uses a default of 256.
+            is the same. None uses a default of 128.
         flat: return one (x numel, x numel) matrix, in the order of ``curvscope.flatten``.
 
     Returns:
@@ -124,7 +124,7 @@ def hessian_diagonal(
         f: a function of ``x`` returning a scalar Tensor.
         x: a floating Tensor, or a tuple or dict of them.
         chunk_size: basis vectors per vmapped batch; memory is about ``chunk_size`` HVPs.
-            None uses a default of 256.
+            None uses a default of 128.
 
     Returns:
         The diagonal with the structure and shapes of ``x``.

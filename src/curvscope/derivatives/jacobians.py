@@ -83,7 +83,7 @@ def jacobian(
         mode: ``"forward"``, ``"reverse"`` or ``"auto"``: forward when x has fewer entries than
             f(x), else reverse (falling back to reverse if an operation lacks forward-mode AD).
         chunk_size: basis vectors per vmapped batch; smaller uses less memory, the result is the
-            same. None uses a default of 256.
+            same. None uses a default of 128.
         flat: return one (f(x) numel, x numel) matrix, in the order of ``curvscope.flatten``.
 
     Returns:
