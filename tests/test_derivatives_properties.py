@@ -124,3 +124,15 @@ def test_no_side_effects_on_global_rng_or_inputs():
     assert torch.equal(torch.get_rng_state(), state)
     for key in x:
         assert torch.equal(x[key], copy[key])
+
+
+def test_empty_inputs_and_outputs():
+    empty, pair = torch.ones(0), torch.tensor([1.0, 2.0])
+    for mode in ["auto", "forward", "reverse"]:
+        assert curvscope.jacobian(lambda x: x[:0], pair, mode=mode).shape == (0, 2)
+        assert curvscope.jacobian(lambda x: x.sum() * pair, empty, mode=mode).shape == (2, 0)
+    assert curvscope.hessian(lambda x: x.sum(), empty).shape == (0, 0)
+    assert curvscope.hessian_diagonal(lambda x: x.sum(), empty).shape == (0,)
+    blocks = curvscope.hessian(lambda x: (x[0].sum() + x[1] ** 3).sum(), (empty, pair))
+    assert blocks[0][1].shape == (0, 2)
+    assert torch.equal(blocks[1][1], torch.diag(6 * pair))

@@ -44,6 +44,8 @@ def basis_matrix(
     chunk_size: int | None,
 ) -> torch.Tensor:
     """``stack(product(e_i) for i < size)``: shape ``(size, *product output shape)``."""
+    if size == 0:  # no basis vectors: an empty stack with the product's trailing shape
+        return vmap(product)(torch.zeros(1, 0, dtype=like.dtype, device=like.device))[:0]
     chunks = [rows for _, rows in basis_products(product, size, like, chunk_size)]
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 

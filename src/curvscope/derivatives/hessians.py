@@ -142,6 +142,6 @@ def hessian_diagonal(
     def run(composition: str) -> torch.Tensor:
         product = _row_product(function, composition)
         chunks = basis_products(product, vector.numel(), vector, chunk_size)
-        return torch.cat([rows.diagonal(offset=start) for start, rows in chunks])
+        return torch.cat([vector.new_zeros(0), *(rows.diagonal(start) for start, rows in chunks)])
 
     return split(_with_composition(run), *function.inputs)
