@@ -59,6 +59,8 @@ def run(
         network, batches = _load_user(model, checkpoint, data, torch_dtype, torch_device)
         loading.check_batches(network, loss_fn, batches)
         first_step = "loading"
+    # under torchrun each rank analyses its own shard (one batch is split by examples)
+    batches = [curvscope.shard(batches[0])] if len(batches) == 1 else curvscope.shard(batches)
     setup_seconds = time.perf_counter() - start
     report = curvscope.analyze(
         network,
@@ -86,14 +88,12 @@ def run(
 
 
 def _start_distributed() -> bool:
-    """Join the process group under torchrun (when the library offers it); True on rank 0.
+    """Join the process group under torchrun (a no-op otherwise); True on the one writer.
 
     The RANK variable set by torchrun is checked too, so that a run whose process group is not
     initialised still has one writer.
     """
-    start = getattr(curvscope, "init_distributed", None)
-    if start is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        start()
+    curvscope.init_distributed()
     return curvscope.is_main_process() and os.environ.get("RANK", "0") == "0"
 
 

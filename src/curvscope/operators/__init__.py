@@ -1,7 +1,7 @@
 """Curvature of a model over a dataset as linear operators, and the data/distributed layer."""
 
 from .base import DenseOperator, LinearOperator
-from .distributed import is_main_process, shard
+from .distributed import init_distributed, is_main_process, shard
 from .fisher import FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
@@ -12,6 +12,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "init_distributed",
     "is_main_process",
     "shard",
 ]

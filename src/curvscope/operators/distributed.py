@@ -7,6 +7,7 @@ one ``all_reduce`` per product. Nothing here does anything when it is not initia
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,35 @@ def is_main_process() -> bool:
         True
     """
     return rank_and_world_size()[0] == 0
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes, if any; returns ``(rank, world_size)``.
+
+    Does nothing when the group is already initialised or when the environment names no group
+    (``WORLD_SIZE`` unset or 1). The backend defaults to ``"nccl"`` where CUDA is available and
+    ``"gloo"`` otherwise.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or None (choose as above).
+
+    Returns:
+        This process's rank and the number of processes; ``(0, 1)`` outside ``torchrun``.
+
+    Example:
+        >>> import curvscope
+        >>> curvscope.init_distributed()  # not under torchrun: nothing to join
+        (0, 1)
+    """
+    if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc"):
+        raise value_error(
+            "init_distributed", "backend", "'gloo', 'nccl' or None", backend, "Pass backend=None."
+        )
+    if not is_distributed() and dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return rank_and_world_size()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
