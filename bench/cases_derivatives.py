@@ -117,9 +117,6 @@ def hessian_memory(cfg: Config) -> list[Table]:
         "curvscope.hessian(chunk_size=256)": lambda: curvscope.hessian(f, theta, chunk_size=256),
         "curvscope.hessian(chunk_size=32)": lambda: curvscope.hessian(f, theta, chunk_size=32),
         "(a) loop of autograd.grad rows": lambda: loop_hessian(f, theta),
-        "(b) autograd.functional.hessian(vectorize=True)": lambda: (
-            torch.autograd.functional.hessian(f, theta, vectorize=True)
-        ),
     }
     memory = memory_variants(variants)
     times = time_variants(variants, cfg)

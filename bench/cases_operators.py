@@ -65,6 +65,10 @@ def _bind(fn: Callable, *args) -> Callable[[], object]:
     return lambda: fn(*args)
 
 
+def _short(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+
+
 def _rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.detach() - reference).norm() / reference.norm())
 
@@ -86,18 +90,23 @@ def operator_case(cfg: Config, problem: models.Problem) -> Table:
     k = BLOCK if problem.num_params < 5000 else 4
     block = torch.randn(size, k, generator=generator)
     variants: dict[str, Callable] = {"plain gradient (the unit)": lambda: models.gradient(problem)}
+    references = {kind: models.reference_product(problem, v, kind.lower()) for kind in KINDS}
+    errors: dict[str, object] = {}
+    for name, op in list(ops.items()):
+        try:
+            result = op.matvec(v)
+        except Exception as error:  # report a failing operator, keep measuring the others
+            table.add(f"curvscope {name}Operator", *["failed"] * 4, _short(error), "-")
+            del ops[name]
+            continue
+        if name in references:
+            errors[f"curvscope {name}Operator @ v"] = _rel_error(result, references[name])
     per_vector: dict[str, int] = {}
     for name, op in ops.items():
         variants[f"curvscope {name}Operator @ v"] = _bind(op.matvec, v)
         blocked = f"curvscope {name}Operator @ V, per vector in a block of {k}"
         variants[blocked] = _bind(op.matmat, block)
         per_vector[blocked] = k
-    references = {kind: models.reference_product(problem, v, kind.lower()) for kind in KINDS}
-    errors: dict[str, object] = {
-        f"curvscope {name}Operator @ v": _rel_error(op.matvec(v), references[name])
-        for name, op in ops.items()
-        if name in references
-    }
     for label, product in _peer_products(problem).items():
         if isinstance(product, Exception):
             table.add(label, *["not runnable"] * 4, f"{type(product).__name__}: {product}", "-")
@@ -105,7 +114,7 @@ def operator_case(cfg: Config, problem: models.Problem) -> Table:
         try:
             result = product(v)
         except Exception as error:  # a peer that fails on this model is reported
-            table.add(label, *["failed"] * 4, f"{type(error).__name__}: {error}"[:200], "-")
+            table.add(label, *["failed"] * 4, _short(error), "-")
             continue
         kind = "GGN" if "GGN" in label else "Hessian"
         errors[label] = _rel_error(result, references[kind])

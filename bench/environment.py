@@ -70,5 +70,34 @@ def header(cfg: Config, total_s: float) -> str:
         "graph and temporaries, and the call's result. The machine was shared with other work "
         "while this ran unless stated otherwise, so timings carry noise of some 10-20%.",
         "",
+        "**Peers: how they were installed and run.**",
+        "",
+        *[f"- {note}" for note in PEER_NOTES],
+        "",
     ]
     return "\n".join(lines)
+
+
+PEER_NOTES = [
+    "BackPACK requires torchvision, whose wheels would replace torch 2.13.0+cpu with a multi-GB "
+    "build, so curvlinops and BackPACK are installed with --no-deps plus what they import "
+    "(bench/requirements*.txt). Neither imports torchvision on the paths used here (only "
+    "backpack/utils/examples.py does); no stub was needed, and the Makefile checks torch stays "
+    "2.13.0.",
+    "PyHessian 0.1 draws its probes from the global RNG: we call torch.manual_seed(seed) before "
+    "each of its runs. Its density() calls torch.eig, removed in torch 2: while (and only "
+    "while) it runs we provide torch.eig for its symmetric tridiagonal matrix via "
+    "torch.linalg.eigh (bench/peers.py). Its trace() stops by itself on a relative change of "
+    "1e-3, usually after a few dozen products.",
+    "hessian-eigenthings 1.0.0a5 averages per-batch mean losses with equal weights, so with an "
+    "unequal last batch (1,797 digits in batches of 256: the last holds 5) its operator is not "
+    "the Hessian of the dataset loss; the operator tables show the difference to an exact "
+    "product and the eigenvalue table its effect.",
+    "Products are checked against an independent reference (double backward on the whole "
+    "dataset as one batch) in the operator tables; estimators against the exact spectrum "
+    "(dense float64 Hessian) or ARPACK to 1e-12.",
+    "The transformer uses torch's math attention kernel and SiLU feed-forward activations: the "
+    "fused CPU attention kernel has no double backward or forward-mode AD, and with ReLU/GELU "
+    "eval-mode layers may take the fused inference path, so no library could take second "
+    "derivatives through the default configuration.",
+]
