@@ -38,23 +38,20 @@ def _forward(flat: FlatFunction, chunk_size: int | None) -> torch.Tensor:
     return basis_matrix(column, x.numel(), x, chunk_size).T.contiguous()
 
 
-def _reverse(
-    pullback: Callable[[torch.Tensor], Any], out: torch.Tensor, chunk_size: int | None
-) -> torch.Tensor:
-    """J as (out numel, in numel) from VJPs with the output basis."""
-    return basis_matrix(lambda u: pullback(u)[0], out.numel(), out, chunk_size)
-
-
 def _flat_jacobian(flat: FlatFunction, mode: str, chunk_size: int | None) -> torch.Tensor:
     """The (out numel, in numel) Jacobian of a flat function at ``flat.vector``."""
+    if mode == "auto":
+        with torch.no_grad():  # only the output size is needed: the cheapest evaluation
+            out_size = flat(flat.vector).numel()
+        if flat.vector.numel() >= out_size:
+            return _flat_jacobian(flat, "reverse", chunk_size)
+        return forward_or_reverse(
+            lambda: _forward(flat, chunk_size), lambda: _flat_jacobian(flat, "reverse", chunk_size)
+        )
     if mode == "forward":
         return _forward(flat, chunk_size)
     out, pullback = torch.func.vjp(flat, flat.vector)
-    if mode == "reverse" or out.numel() <= flat.vector.numel():
-        return _reverse(pullback, out, chunk_size)
-    return forward_or_reverse(
-        lambda: _forward(flat, chunk_size), lambda: _reverse(pullback, out, chunk_size)
-    )
+    return basis_matrix(lambda u: pullback(u)[0], out.numel(), out, chunk_size)
 
 
 def _jacobian(
