@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 TORCH := torch==2.13.0
-export OMP_NUM_THREADS ?= 2
 
 .PHONY: install test lint format demo bench clean
 
@@ -29,8 +28,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests examples bench
 	$(VENV)/bin/ruff format src tests examples bench
 
+# two test workers on two cores: one thread each, or OpenMP threads fight over the cores
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(VENV)/bin/curvscope analyze
