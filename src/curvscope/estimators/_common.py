@@ -8,7 +8,7 @@ from typing import Any
 import scipy.stats
 import torch
 
-from .._checks import check_float, check_generator_or_seed, type_error, value_error
+from .._checks import check_float, check_generator_or_seed, check_int, type_error, value_error
 from .._random import make_generator
 from ..operators.base import as_operator
 
@@ -104,3 +104,37 @@ def mean_and_error(samples: torch.Tensor) -> tuple[float, float]:
 def chunks(total: int, size: int = CHUNK) -> list[tuple[int, int]]:
     """Split ``range(total)`` into (start, stop) pairs of at most ``size``."""
     return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def exact_diagonal(apply: Counter, op: Any) -> torch.Tensor:
+    """diag(A) exactly, from products with blocks of the P unit vectors (P products)."""
+    size = op.shape[0]
+    value = torch.zeros(size, dtype=op.dtype, device=op.device)
+    for start, stop in chunks(size):
+        eye = torch.zeros(size, stop - start, dtype=op.dtype, device=op.device)
+        eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        value[start:stop] = apply(eye)[start:stop].diagonal()
+    return value
+
+
+def check_budget(
+    func: str, method: str, num_matvecs: Any, minimum: dict[str, int], even: str | None
+) -> int:
+    """Validate ``num_matvecs`` for ``method``: >= ``minimum[method]`` (even for ``even``).
+
+    The "exact" method takes None or any positive integer (it always uses P products).
+    """
+    if method == "exact":
+        return check_int(func, "num_matvecs", num_matvecs, minimum=1, allow_none=True) or 0
+    least = minimum[method]
+    budget = check_int(func, "num_matvecs", num_matvecs)
+    if budget < least or (method == even and budget % 2):
+        parity = " and even" if method == even else ""
+        raise value_error(
+            func,
+            "num_matvecs",
+            f"an integer >= {least}{parity} for {method}",
+            budget,
+            f"Pass num_matvecs={max(least, budget + budget % 2)} or more.",
+        )
+    return budget

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .._checks import check_choice, check_int, value_error
+from .._checks import check_choice
 from .._random import rademacher
-from ._common import Counter, check_operator, chunks, generator
+from ._common import Counter, check_budget, check_operator, chunks, exact_diagonal, generator
 from ._progress import Progress
 from ._results import Result
 from .trace import _leave_one_out_directions
@@ -95,34 +95,6 @@ def _xdiag(apply: Counter, op: Any, budget: int, gen: torch.Generator) -> tuple:
     return samples.mean(dim=1), std / math.sqrt(count)
 
 
-def _exact(apply: Counter, op: Any) -> tuple:
-    """e_i^T A e_i for all P unit vectors, in blocks."""
-    size = op.shape[0]
-    value = torch.zeros(size, dtype=op.dtype, device=op.device)
-    for start, stop in chunks(size):
-        eye = torch.zeros(size, stop - start, dtype=op.dtype, device=op.device)
-        eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
-        value[start:stop] = apply(eye)[start:stop].diagonal()
-    return value, torch.zeros_like(value)
-
-
-def _check_budget(method: str, num_matvecs: Any) -> int:
-    if method == "exact":
-        return check_int(_FUNC, "num_matvecs", num_matvecs, minimum=1, allow_none=True) or 0
-    minimum = _MINIMUM[method]
-    budget = check_int(_FUNC, "num_matvecs", num_matvecs)
-    if budget < minimum or (method == "xdiag" and budget % 2):
-        parity = " and even" if method == "xdiag" else ""
-        raise value_error(
-            _FUNC,
-            "num_matvecs",
-            f"an integer >= {minimum}{parity} for {method}",
-            budget,
-            f"Pass num_matvecs={max(minimum, budget + budget % 2)} or more.",
-        )
-    return budget
-
-
 def diagonal(
     op: Any,
     *,
@@ -157,12 +129,13 @@ def diagonal(
     """
     op = check_operator(op, _FUNC)
     method = check_choice(_FUNC, "method", method, METHODS)
-    budget = _check_budget(method, num_matvecs)
+    budget = check_budget(_FUNC, method, num_matvecs, _MINIMUM, even="xdiag")
     gen = generator(_FUNC, seed)
     apply = Counter(op)
     with Progress(progress, f"diagonal ({method})", budget or op.shape[0]) as bar:
         if method == "exact":
-            value, error = _exact(apply, op)
+            value = exact_diagonal(apply, op)
+            error = torch.zeros_like(value)
         else:
             value, error = {"hutchinson": _hutchinson, "xdiag": _xdiag}[method](
                 apply, op, budget, gen

@@ -8,13 +8,15 @@ from typing import Any
 
 import torch
 
-from .._checks import check_choice, check_int, value_error
+from .._checks import check_choice
 from .._random import rademacher
 from ._common import (
     Counter,
+    check_budget,
     check_confidence,
     check_operator,
     chunks,
+    exact_diagonal,
     generator,
     mean_and_error,
     quantile,
@@ -124,29 +126,7 @@ def _xtrace(apply: Counter, op: Any, budget: int, gen: torch.Generator) -> tuple
 
 def _exact(apply: Counter, op: Any) -> tuple:
     """Sum of e_i^T A e_i over all P unit vectors, in blocks."""
-    size, total = op.shape[0], 0.0
-    for start, stop in chunks(size):
-        eye = torch.zeros(size, stop - start, dtype=op.dtype, device=op.device)
-        eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
-        total += float(apply(eye)[start:stop].diagonal().sum())
-    return total, 0.0, None
-
-
-def _check_budget(method: str, num_matvecs: Any) -> int:
-    if method == "exact":
-        return check_int(_FUNC, "num_matvecs", num_matvecs, minimum=1, allow_none=True) or 0
-    minimum = _MINIMUM[method]
-    budget = check_int(_FUNC, "num_matvecs", num_matvecs)
-    if budget < minimum or (method == "xtrace" and budget % 2):
-        parity = " and even" if method == "xtrace" else ""
-        raise value_error(
-            _FUNC,
-            "num_matvecs",
-            f"an integer >= {minimum}{parity} for {method}",
-            budget,
-            f"Pass num_matvecs={max(minimum, budget + budget % 2)} or more.",
-        )
-    return budget
+    return float(exact_diagonal(apply, op).sum()), 0.0, None
 
 
 def trace(
@@ -189,7 +169,7 @@ def trace(
     """
     op = check_operator(op, _FUNC)
     method = check_choice(_FUNC, "method", method, METHODS)
-    budget = _check_budget(method, num_matvecs)
+    budget = check_budget(_FUNC, method, num_matvecs, _MINIMUM, even="xtrace")
     confidence = check_confidence(_FUNC, confidence)
     gen = generator(_FUNC, seed)
     apply = Counter(op)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.autograd import forward_ad
 from torch.func import jvp, vjp, vmap
 
@@ -89,31 +88,6 @@ class GGNOperator(_OutputSpaceOperator):
         >>> curvscope.GGNOperator(model, torch.nn.MSELoss(), data).to_dense()
         tensor([[5.]], dtype=torch.float64)
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[..., torch.Tensor],
-        data: Any,
-        *,
-        params: Sequence[str] | None = None,
-        max_batch_size: int | None = None,
-        progress: bool = False,
-        reduction: str | None = None,
-        eval_mode: bool = True,
-        check_deterministic: bool = True,
-    ) -> None:
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            reduction=reduction,
-            max_batch_size=max_batch_size,
-            progress=progress,
-            eval_mode=eval_mode,
-            check_deterministic=check_deterministic,
-        )
 
     def _output_matmat(
         self, output: torch.Tensor, batch: Batch, block: torch.Tensor
