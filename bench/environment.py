@@ -96,8 +96,8 @@ PEER_NOTES = [
     "Products are checked against an independent reference (double backward on the whole "
     "dataset as one batch) in the operator tables; estimators against the exact spectrum "
     "(dense float64 Hessian) or ARPACK to 1e-12.",
-    "The transformer uses torch's math attention kernel and SiLU feed-forward activations: the "
-    "fused CPU attention kernel has no double backward or forward-mode AD, and with ReLU/GELU "
-    "eval-mode layers may take the fused inference path, so no library could take second "
+    "The transformer runs with torch.backends.mha fast path off and the math attention "
+    "kernel: torch's fused eval-mode encoder/attention kernels and the fused CPU attention "
+    "kernel have neither double backward nor forward-mode AD, so no library could take second "
     "derivatives through the default configuration.",
 ]

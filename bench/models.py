@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -93,19 +92,23 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Parameter(torch.zeros(length, width))
-        # SiLU: with ReLU/GELU, eval-mode layers may take torch's fused inference kernel, which
-        # has no forward-mode AD and no second derivatives.
         layer = nn.TransformerEncoderLayer(
-            width, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True, activation=F.silu
+            width, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(width, classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # The fused CPU attention kernel has neither a double backward nor forward-mode AD, so
-        # no library can take second derivatives through it: use the math kernel.
-        with sdpa_kernel(SDPBackend.MATH):
-            hidden = self.encoder(self.embed(tokens) + self.position)
+        # torch's fused kernels (the eval-mode "fast path" of the encoder layer and of attention,
+        # and the fused CPU attention kernel) have neither double backward nor forward-mode AD,
+        # so no library can take second derivatives through them: use the plain math path.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                hidden = self.encoder(self.embed(tokens) + self.position)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         return self.head(hidden.mean(dim=1))
 
 
