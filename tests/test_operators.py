@@ -7,6 +7,7 @@ import pytest
 import torch
 from models import (
     MODEL_CASES,
+    ModelCase,
     case_id,
     dict_input,
     mlp,
@@ -247,3 +248,52 @@ def test_gradient_matches_plain_backward_including_shared_weights(make_case):
     expected = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
     _, gradient = curvscope.GGNOperator(case.model, case.loss_fn, case.data).gradient()
     torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
+
+
+class _CubeWithoutForwardMode(torch.autograd.Function):
+    """x³ with a backward formula only: forward-mode AD (jvp) raises NotImplementedError."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class _Cubed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.outer = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.outer(_CubeWithoutForwardMode.apply(self.inner(x)))
+
+
+@pytest.mark.parametrize(
+    "body", [torch.nn.SiLU, torch.nn.Mish, None], ids=["silu", "mish", "no-forward-mode"]
+)
+def test_ggn_works_where_forward_mode_is_missing(body):
+    """silu and mish lack a forward-mode derivative of their backward (the one-column dual pass
+    needs it); a custom op may lack forward mode entirely (J V then comes from a double VJP)."""
+    torch.manual_seed(0)
+    if body is None:
+        model = _Cubed().double()
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), body(), torch.nn.Linear(4, 2)).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=gen, dtype=F64), torch.randint(0, 2, (5,), generator=gen)
+    case = ModelCase("no_forward_mode", model, torch.nn.CrossEntropyLoss(), [(x, y)])
+    expected = _dense_ggn(case)
+    op = curvscope.GGNOperator(model, torch.nn.CrossEntropyLoss(), [(x, y)])
+    v = torch.linspace(-1, 1, op.shape[0], dtype=F64)
+    torch.testing.assert_close(op @ v, expected @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.to_dense(), expected, rtol=1e-10, atol=1e-12)

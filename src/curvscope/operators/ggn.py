@@ -23,6 +23,10 @@ class _OutputSpaceOperator(_ModelOperator):
     no second derivative of the network is ever taken.
     """
 
+    #: One column uses one dual-number pass until an op turns out to lack the forward-mode
+    #: derivative of its backward (silu, mish, ...).
+    _dual_pass = True
+
     def _output_matmat(
         self, output: torch.Tensor, batch: Batch, block: torch.Tensor
     ) -> torch.Tensor:
@@ -39,10 +43,19 @@ class _OutputSpaceOperator(_ModelOperator):
 
     def _batch_matmat(self, state: _PassState, batch: Batch, matrix: torch.Tensor) -> torch.Tensor:
         output_fn = self._output_of(state, batch)
-        if matrix.shape[1] == 1:
-            return self._batch_matvec(output_fn, state.theta, batch, matrix[:, 0])[:, None]
+        if matrix.shape[1] == 1 and self._dual_pass:
+            try:
+                return self._batch_matvec(output_fn, state.theta, batch, matrix[:, 0])[:, None]
+            except NotImplementedError:
+                # the backward of some op (silu, mish, ...) has no forward-mode derivative, which
+                # the dual-number pass needs: use separate JVP and VJP passes from now on
+                self._dual_pass = False
         output, pullback = vjp(output_fn, state.theta)
-        jv = vmap(lambda v: jvp(output_fn, (state.theta,), (v,))[1])(matrix.T)
+        try:
+            jv = vmap(lambda v: jvp(output_fn, (state.theta,), (v,))[1])(matrix.T)
+        except NotImplementedError:  # an op without forward mode: J V as the transpose of Jᵀ
+            _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(output))
+            jv = vmap(lambda v: transpose(v)[0])(matrix.T)
         mjv = self._output_matmat(output.detach(), batch, jv)
         return vmap(lambda u: pullback(u)[0])(mjv).T
 
