@@ -122,7 +122,7 @@ def _eig_verdicts(table: Table, rows: dict) -> None:
             best = min(candidates, key=lambda c: c[1])
             table.check(
                 f">= 3x fewer products than {peer} at equal or better accuracy",
-                f"{peer} never reached {err:.1e} (best {best[1]:.1e} with {best[0]} products)",
+                f"{peer} never reached {target:.0e} (best {best[1]:.1e} with {best[0]} products)",
                 True,
             )
 
