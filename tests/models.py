@@ -212,3 +212,22 @@ def reference_loss(
     """(θ0, θ -> loss_fn over all the data at once), θ over ``names`` (default: trainable)."""
     theta0, output, targets = reference_output(case, names)
     return theta0, lambda theta: case.loss_fn(output(theta), targets)
+
+
+class CubeWithoutForwardMode(torch.autograd.Function):
+    """x³ with a backward formula only: forward-mode AD (jvp) raises NotImplementedError."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad

@@ -95,12 +95,13 @@ def test_structured_output_and_dict_input_nest_like_jacrev():
 
 
 def test_auto_falls_back_to_reverse_without_forward_ad():
-    from test_derivatives_products import CubeWithoutJvp
+    from models import CubeWithoutForwardMode
 
     x = torch.tensor([1.0, 2.0])
 
     def f(y):
-        return CubeWithoutJvp.apply(y).repeat(3)  # 2 inputs, 6 outputs: auto prefers forward
+        # 2 inputs, 6 outputs: auto prefers forward
+        return CubeWithoutForwardMode.apply(y).repeat(3)
 
     with pytest.raises(NotImplementedError):
         curvscope.jacobian(f, x, mode="forward")

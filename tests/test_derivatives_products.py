@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from models import CubeWithoutForwardMode
 from torch.autograd.functional import hvp as reference_hvp
 from torch.autograd.functional import jvp as reference_jvp
 from torch.autograd.functional import vjp as reference_vjp
@@ -102,27 +103,8 @@ def test_hvp_tuple_input_matches_torch_func():
         torch.testing.assert_close(product, expected)
 
 
-class CubeWithoutJvp(torch.autograd.Function):
-    """x**3 with a backward but no jvp: forward-mode AD is unsupported."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * grad_output
-
-
 def cube_sum(x):
-    return CubeWithoutJvp.apply(x).sum()
+    return CubeWithoutForwardMode.apply(x).sum()
 
 
 def test_hvp_auto_needs_no_forward_ad():

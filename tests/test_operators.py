@@ -7,6 +7,7 @@ import pytest
 import torch
 from models import (
     MODEL_CASES,
+    CubeWithoutForwardMode,
     ModelCase,
     case_id,
     dict_input,
@@ -250,32 +251,13 @@ def test_gradient_matches_plain_backward_including_shared_weights(make_case):
     torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
 
 
-class _CubeWithoutForwardMode(torch.autograd.Function):
-    """x³ with a backward formula only: forward-mode AD (jvp) raises NotImplementedError."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * grad
-
-
 class _Cubed(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.inner, self.outer = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.outer(_CubeWithoutForwardMode.apply(self.inner(x)))
+        return self.outer(CubeWithoutForwardMode.apply(self.inner(x)))
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 
 from .._checks import check_choice
 from .._random import rademacher
+from ..operators.base import split_by_shapes
 from ._common import Counter, check_budget, check_operator, chunks, exact_diagonal, generator
 from ._progress import Progress
 from ._results import Result
@@ -45,13 +46,7 @@ class DiagonalEstimate(Result):
         """The diagonal (or its standard error) split into a dict name -> tensor."""
         if not self.param_shapes:
             raise KeyError("this DiagonalEstimate has no parameter names (op had none)")
-        flat = self.std_error if std_error else self.value
-        out, start = {}, 0
-        for name, shape in self.param_shapes.items():
-            size = math.prod(shape)
-            out[name] = flat[start : start + size].reshape(shape)
-            start += size
-        return out
+        return split_by_shapes(self.std_error if std_error else self.value, self.param_shapes)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         parts = self.by_name()

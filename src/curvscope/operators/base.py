@@ -23,6 +23,18 @@ from .._checks import check_int, describe, type_error, value_error
 DEFAULT_MAX_DENSE_ENTRIES = 10_000 * 10_000
 
 
+def split_by_shapes(
+    flat: torch.Tensor, shapes: Mapping[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    """Split a flat tensor into a dict name -> tensor of the given shapes, in order."""
+    out, start = {}, 0
+    for key, shape in shapes.items():
+        size = math.prod(shape)
+        out[key] = flat[start : start + size].reshape(shape)
+        start += size
+    return out
+
+
 class LinearOperator:
     """A symmetric (P, P) linear operator on flattened parameters.
 
@@ -167,12 +179,7 @@ class LinearOperator:
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat (P,) tensor into a dict name -> tensor shaped like the parameters."""
-        out, start = {}, 0
-        for key, shape in self._param_shapes.items():
-            size = math.prod(shape)
-            out[key] = flat[start : start + size].reshape(shape)
-            start += size
-        return out
+        return split_by_shapes(flat, self._param_shapes)
 
     def _check_tensor(
         self,
