@@ -146,12 +146,14 @@ def _verdicts(table, times, memory, errors, grad_t, grad_m) -> None:
     if hess in times:
         t, m = med(hess) / grad_t, memory[hess] / grad_m
         table.check("Hessian product <= 3x a gradient in time", f"{t:.2f}x", t <= 3.0)
-        tiny = grad_m < 2**20
+        tiny = not grad_m >= 2**20  # also when the peak was too small to see (nan)
         table.check(
             "Hessian product <= 2.5x a gradient in memory",
             f"{m:.2f}x",
             None if tiny else m <= 2.5,
-            "the gradient's peak is under 1 MiB, too small for a resident-set ratio to mean much",
+            "the gradient's peak is under 1 MiB, too small for a resident-set ratio to mean much"
+            if tiny
+            else "",
         )
     if ggn in times:
         t = med(ggn) / grad_t

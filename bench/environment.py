@@ -67,8 +67,8 @@ def header(cfg: Config, total_s: float) -> str:
         "resident-set high-water mark of one call above the memory live before it (VmHWM reset "
         "through /proc/self/clear_refs, with glibc's MALLOC_MMAP_THRESHOLD_=65536 so freed "
         "tensors go back to the kernel and are not reused unseen); it includes the autograd "
-        "graph and temporaries, and the call's result. The machine was shared with other work "
-        "while this ran unless stated otherwise, so timings carry noise of some 10-20%.",
+        "graph and temporaries, and the call's result. Times of a few milliseconds on a small "
+        "2-core machine move by some 10% between runs: read ratios near a target as a tie.",
         "",
         "**Peers: how they were installed and run.**",
         "",
