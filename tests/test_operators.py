@@ -123,7 +123,10 @@ def test_ggn_closed_form_and_autograd_loss_hessians(loss_fn):
     case.loss_fn, case.data = loss_fn, case.data[:1]
     reduction = "sum" if getattr(loss_fn, "__name__", "") == "<lambda>" else None
     op = curvscope.GGNOperator(case.model, loss_fn, case.data, reduction=reduction)
-    torch.testing.assert_close(op.to_dense(), _dense_ggn(case), rtol=1e-10, atol=1e-10)
+    dense = _dense_ggn(case)
+    torch.testing.assert_close(op.to_dense(), dense, rtol=1e-10, atol=1e-10)
+    v = torch.linspace(-1, 1, op.shape[0], dtype=F64)  # one column: the dual-number pass
+    torch.testing.assert_close(op @ v, dense @ v, rtol=1e-10, atol=1e-10)
 
 
 def test_mse_ggn_scaling_with_multi_dimensional_outputs():
@@ -266,7 +269,7 @@ class _Cubed(torch.nn.Module):
 )
 def test_ggn_works_where_forward_mode_is_missing(body):
     """silu and mish lack a forward-mode derivative of their backward (the one-column dual pass
-    needs it); a custom op may lack forward mode entirely (J V then comes from a double VJP)."""
+    must not need it); a custom op may lack forward mode entirely (J V from a double VJP)."""
     torch.manual_seed(0)
     if body is None:
         model = _Cubed().double()
@@ -304,3 +307,27 @@ def test_hessian_block_path_is_chosen_once():
     assert op._batched is None
     op.matmat(torch.ones(op.shape[0], 2, dtype=F64))
     assert op._batched in (True, False)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("kind", ["ggn", "empirical"])
+def test_output_space_block_products_vmapped_or_looped_agree(kind, batched):
+    case = cnn_batchnorm()
+    if kind == "ggn":
+        op = curvscope.GGNOperator(case.model, case.loss_fn, case.data)
+    else:
+        op = curvscope.FisherOperator(case.model, case.loss_fn, case.data, kind=kind)
+    op._batched = batched  # skip the timing: force one path
+    block = torch.linspace(-1, 1, 3 * op.shape[0], dtype=F64).reshape(-1, 3)
+    expected = torch.stack([op @ column for column in block.T], dim=1)
+    torch.testing.assert_close(op.matmat(block), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_monte_carlo_fisher_block_uses_the_same_samples_as_single_products():
+    case = mlp()
+    op = curvscope.FisherOperator(case.model, case.loss_fn, case.data, kind="monte_carlo", seed=3)
+    block = torch.linspace(-1, 1, 3 * op.shape[0], dtype=F64).reshape(-1, 3)
+    expected = torch.stack([op @ column for column in block.T], dim=1)
+    torch.testing.assert_close(op.matmat(block), expected, rtol=1e-10, atol=1e-12)
+    dense = op.to_dense()
+    torch.testing.assert_close(dense, dense.T, rtol=1e-10, atol=1e-12)

@@ -116,6 +116,8 @@ class FisherOperator(_OutputSpaceOperator):
         self._kind, self._num_samples, self._seed = kind, num_samples, seed
         self._options.update(kind=kind, num_samples=num_samples, seed=seed)
         self._generator: torch.Generator | None = None
+        if kind == "monte_carlo":  # labels are drawn once per batch and pass: one call per block
+            self._batched = True
 
     @property
     def kind(self) -> str:

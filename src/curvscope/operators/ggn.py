@@ -12,7 +12,7 @@ from torch.func import jvp, vjp, vmap
 from .._checks import describe
 from .data import Batch
 from .losses import loss_hessian_matmat
-from .model import _ModelOperator, _PassState
+from .model import _ModelOperator, _PassState, first_is_faster
 
 
 class _OutputSpaceOperator(_ModelOperator):
@@ -23,9 +23,10 @@ class _OutputSpaceOperator(_ModelOperator):
     no second derivative of the network is ever taken.
     """
 
-    #: One column uses one dual-number pass until an op turns out to lack the forward-mode
-    #: derivative of its backward (silu, mish, ...).
+    #: One column uses one dual-number pass until an op turns out to lack forward mode.
     _dual_pass = True
+    #: Blocks of columns: vmapped (True) or looped (False), timed once on first use.
+    _batched: bool | None = None
 
     def _output_matmat(
         self, output: torch.Tensor, batch: Batch, block: torch.Tensor
@@ -42,17 +43,43 @@ class _OutputSpaceOperator(_ModelOperator):
             )
 
     def _batch_matmat(self, state: _PassState, batch: Batch, matrix: torch.Tensor) -> torch.Tensor:
-        output_fn = self._output_of(state, batch)
-        if matrix.shape[1] == 1 and self._dual_pass:
+        output_fn, theta = self._output_of(state, batch), state.theta
+        if matrix.shape[1] == 1:
+            return self._column(output_fn, theta, batch, matrix[:, 0])[:, None]
+        if self._batched is None:  # vmapped products are slower for some layers (conv)
+            block = matrix[:, :4]
+            self._batched = first_is_faster(
+                lambda: self._block(output_fn, theta, batch, block),
+                lambda: self._looped(output_fn, theta, batch, block),
+                theta.device,
+            )
+        if self._batched:
+            return self._block(output_fn, theta, batch, matrix)
+        return self._looped(output_fn, theta, batch, matrix)
+
+    def _looped(
+        self, output_fn: Callable, theta: torch.Tensor, batch: Batch, matrix: torch.Tensor
+    ) -> torch.Tensor:
+        columns = [self._column(output_fn, theta, batch, column) for column in matrix.T]
+        return torch.stack(columns, dim=1)
+
+    def _column(
+        self, output_fn: Callable, theta: torch.Tensor, batch: Batch, vector: torch.Tensor
+    ) -> torch.Tensor:
+        if self._dual_pass:
             try:
-                return self._batch_matvec(output_fn, state.theta, batch, matrix[:, 0])[:, None]
-            except NotImplementedError:
-                # the backward of some op (silu, mish, ...) has no forward-mode derivative, which
-                # the dual-number pass needs: use separate JVP and VJP passes from now on
+                return self._batch_matvec(output_fn, theta, batch, vector)
+            except NotImplementedError:  # an op without forward mode: no dual pass from now on
                 self._dual_pass = False
-        output, pullback = vjp(output_fn, state.theta)
+        return self._block(output_fn, theta, batch, vector[:, None])[:, 0]
+
+    def _block(
+        self, output_fn: Callable, theta: torch.Tensor, batch: Batch, matrix: torch.Tensor
+    ) -> torch.Tensor:
+        """All k columns at once: one VJP graph, vmapped JVPs and pullbacks."""
+        output, pullback = vjp(output_fn, theta)
         try:
-            jv = vmap(lambda v: jvp(output_fn, (state.theta,), (v,))[1])(matrix.T)
+            jv = vmap(lambda v: jvp(output_fn, (theta,), (v,))[1])(matrix.T)
         except NotImplementedError:  # an op without forward mode: J V as the transpose of Jᵀ
             _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(output))
             jv = vmap(lambda v: transpose(v)[0])(matrix.T)
@@ -65,8 +92,10 @@ class _OutputSpaceOperator(_ModelOperator):
         """One column: a single forward pass carries both the graph for the VJP and the JVP
         (dual numbers), which saves the second forward pass of separate jvp and vjp calls."""
         leaf = theta.detach().requires_grad_(True)
-        with torch.enable_grad(), forward_ad.dual_level():
-            output, jv = forward_ad.unpack_dual(output_fn(forward_ad.make_dual(leaf, vector)))
+        with torch.enable_grad():
+            with forward_ad.dual_level():
+                output, jv = forward_ad.unpack_dual(output_fn(forward_ad.make_dual(leaf, vector)))
+            # outside the dual level: the loss-Hessian product may use forward mode itself
             mjv = self._output_matmat(output.detach(), batch, jv.unsqueeze(0))[0]
             return torch.autograd.grad(output, leaf, mjv)[0]
 

@@ -12,7 +12,7 @@ from torch.func import grad, jvp, vmap
 
 from .._checks import check_choice
 from .data import Batch
-from .model import _ModelOperator, _PassState
+from .model import _ModelOperator, _PassState, first_is_faster
 
 _MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 
@@ -137,14 +137,12 @@ class HessianOperator(_ModelOperator):
     ) -> bool:
         """Whether vmapped double backward beats a loop over the columns (timed once, on up to
         four columns of this batch)."""
-        block, times = block[:, :4], {}
-        for batched in (True, False, True, False):  # the second run of each counts
-            start = time.perf_counter()
-            _reverse_over_reverse(loss, theta, block, batched=batched)
-            if theta.device.type == "cuda":
-                torch.cuda.synchronize(theta.device)
-            times[batched] = time.perf_counter() - start
-        return times[True] <= times[False]
+        block = block[:, :4]
+        return first_is_faster(
+            lambda: _reverse_over_reverse(loss, theta, block, batched=True),
+            lambda: _reverse_over_reverse(loss, theta, block, batched=False),
+            theta.device,
+        )
 
     def _choose_mode(
         self,

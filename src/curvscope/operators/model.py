@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,20 @@ def _check_bool(func: str, arg: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise type_error(func, arg, "True or False", value)
     return value
+
+
+def first_is_faster(
+    first: Callable[[], Any], second: Callable[[], Any], device: torch.device
+) -> bool:
+    """Whether ``first()`` runs at least as fast as ``second()`` (each timed on its second run)."""
+    times = {}
+    for which, run in [(True, first), (False, second), (True, first), (False, second)]:
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times[which] = time.perf_counter() - start
+    return times[True] <= times[False]
 
 
 class _ModelOperator(LinearOperator):
