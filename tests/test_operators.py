@@ -331,3 +331,18 @@ def test_monte_carlo_fisher_block_uses_the_same_samples_as_single_products():
     torch.testing.assert_close(op.matmat(block), expected, rtol=1e-10, atol=1e-12)
     dense = op.to_dense()
     torch.testing.assert_close(dense, dense.T, rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_auto_mode_falls_back_where_forward_mode_is_missing():
+    torch.manual_seed(0)
+    model = _Cubed().double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=gen, dtype=F64), torch.randint(0, 2, (5,), generator=gen)
+    case = ModelCase("no_forward_mode", model, torch.nn.CrossEntropyLoss(), [(x, y)])
+    theta, loss = reference_loss(case)
+    op = curvscope.HessianOperator(model, torch.nn.CrossEntropyLoss(), [(x, y)])
+    torch.testing.assert_close(
+        op.to_dense(), torch.autograd.functional.hessian(loss, theta),
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    assert op.hvp_mode == "reverse-over-reverse"
