@@ -106,3 +106,13 @@ def check_generator_or_seed(func: str, arg: str, value: Any) -> None:
         raise type_error(
             func, arg, "an integer seed or a torch.Generator", value, "Pass e.g. seed=0."
         )
+
+
+def check_dtype_and_device(
+    func: str, arg: str, value: torch.Tensor, dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Check that the tensor ``value`` has the operator's ``dtype`` and ``device``."""
+    if value.dtype != dtype:
+        raise value_error(func, arg, f"dtype {dtype}", value, f"Cast it with .to({dtype}).")
+    if torch.device(value.device) != torch.device(device):
+        raise value_error(func, arg, f"device {device}", value, f"Move it with .to('{device}').")

@@ -8,7 +8,14 @@ from typing import Any
 import scipy.stats
 import torch
 
-from .._checks import check_float, check_generator_or_seed, check_int, type_error, value_error
+from .._checks import (
+    check_dtype_and_device,
+    check_float,
+    check_generator_or_seed,
+    check_int,
+    type_error,
+    value_error,
+)
 from .._random import make_generator
 from ..operators.base import as_operator
 
@@ -74,12 +81,7 @@ def check_tensor_for(
     ok_ndim = value.ndim == 1 or (allow_block and value.ndim == 2 and value.shape[1] >= 1)
     if not ok_ndim or value.shape[0] != size:
         raise value_error(func, arg, expected, value, "Flatten it in the order of op.param_names.")
-    if value.dtype != op.dtype:
-        raise value_error(func, arg, f"dtype {op.dtype}", value, f"Cast it with .to({op.dtype}).")
-    if torch.device(value.device) != torch.device(op.device):
-        raise value_error(
-            func, arg, f"device {op.device}", value, f"Move it with .to('{op.device}')."
-        )
+    check_dtype_and_device(func, arg, value, op.dtype, op.device)
     return value
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from .._checks import check_int, describe, type_error, value_error
+from .._checks import check_dtype_and_device, check_int, describe, type_error, value_error
 
 #: ``to_dense`` refuses to build a matrix larger than this many entries unless told otherwise.
 DEFAULT_MAX_DENSE_ENTRIES = 10_000 * 10_000
@@ -206,14 +206,7 @@ class LinearOperator:
             raise value_error(
                 func, arg, expected, value, "Flatten vectors in the order of op.param_names."
             )
-        if value.dtype != self.dtype:
-            raise value_error(
-                func, arg, f"dtype {self.dtype}", value, f"Cast it with .to({self.dtype})."
-            )
-        if value.device != self.device:
-            raise value_error(
-                func, arg, f"device {self.device}", value, f"Move it with .to('{self.device}')."
-            )
+        check_dtype_and_device(func, arg, value, self.dtype, self.device)
         return value
 
 
