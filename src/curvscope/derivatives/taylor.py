@@ -14,6 +14,7 @@ import torch
 import torch.func
 
 from .._checks import value_error
+from ._norms import composite_norms
 from ._validate import check_function, check_input, check_like, check_order, checked
 
 __all__ = ["derivative"]
@@ -28,6 +29,10 @@ def derivative(f: Callable[[Any], Any], x: Any, *, order: int, direction: Any = 
     """The order-k directional derivative of ``f`` at ``x``, for any order >= 1.
 
     d^k/dt^k f(x + t v) at t = 0; for a one-element x and no direction, the ordinary f^(k)(x).
+
+    For order >= 2, ``layer_norm``, ``batch_norm`` and ``instance_norm`` inside ``f`` are computed
+    from elementary operations (same values): torch's fused kernels give wrong nested
+    forward-mode derivatives (pytorch/pytorch#196700).
 
     Args:
         f: a function of ``x`` returning a Tensor, or a tuple or dict of Tensors.
@@ -60,4 +65,7 @@ def derivative(f: Callable[[Any], Any], x: Any, *, order: int, direction: Any = 
     g = checked(f, "derivative")
     for _ in range(order):
         g = _along(g, direction)
-    return g(x)
+    if order == 1:
+        return g(x)
+    with composite_norms():  # torch's fused norms have wrong higher-order rules
+        return g(x)
