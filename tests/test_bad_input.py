@@ -157,6 +157,17 @@ API_CASES = [
         "Pass direction=v",
     ),
     ApiCase(
+        "derivative-through-an-op-without-forward-mode",
+        lambda w: curvscope.derivative(
+            lambda z: torch.nn.functional.huber_loss(z, torch.zeros_like(z)),
+            w.x,
+            order=2,
+            direction=w.x,
+        ),
+        NotImplementedError,
+        "has no forward-mode derivative in torch",
+    ),
+    ApiCase(
         "batch-jacobian-unequal-batches",
         lambda w: curvscope.batch_jacobian(torch.sin, (torch.ones(2, 3), torch.ones(3, 3))),
         ValueError,

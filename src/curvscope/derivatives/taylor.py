@@ -16,6 +16,7 @@ import torch.func
 from .._checks import value_error
 from ._norms import composite_norms
 from ._validate import check_function, check_input, check_like, check_order, checked
+from .products import lacks_forward_ad
 
 __all__ = ["derivative"]
 
@@ -44,6 +45,9 @@ def derivative(f: Callable[[Any], Any], x: Any, *, order: int, direction: Any = 
     Returns:
         The derivative, with the structure and shapes of ``f(x)``.
 
+    Raises:
+        NotImplementedError: if an operation in ``f`` has no forward-mode rule in torch.
+
     Example:
         >>> derivative(lambda x: x**3, torch.tensor(3.0), order=2)
         tensor(18.)
@@ -65,7 +69,16 @@ def derivative(f: Callable[[Any], Any], x: Any, *, order: int, direction: Any = 
     g = checked(f, "derivative")
     for _ in range(order):
         g = _along(g, direction)
-    if order == 1:
-        return g(x)
-    with composite_norms():  # torch's fused norms have wrong higher-order rules
-        return g(x)
+    try:
+        if order == 1:
+            return g(x)
+        with composite_norms():  # torch's fused norms have wrong higher-order rules
+            return g(x)
+    except (NotImplementedError, RuntimeError) as error:
+        if not lacks_forward_ad(error):
+            raise
+        raise NotImplementedError(
+            "curvscope.derivative(f=...): an operation inside f has no forward-mode derivative "
+            f"in torch, and derivative nests forward mode ({' '.join(str(error).split())}). For "
+            "order 1 use jvp or vjp; for order 2 of a scalar f, v @ hvp(f, x, v) (reverse mode)."
+        ) from error
