@@ -395,6 +395,7 @@ class CliCase:
     args: list[str]
     phrase: str
     setup: Callable[[Path], None] | None = None
+    command: str = "analyze"
 
 
 USER = ["--model", "user_model:build_model", "--data", "user_model:build_data"]
@@ -444,6 +445,9 @@ CLI_CASES = [
     ),
     CliCase("checkpoint-a-directory", [*USER, "--checkpoint", "{tmp}"], "unreadable"),
     CliCase("params-matching-nothing", [*USER, "--params", "[bad"], "matches no parameter"),
+    CliCase("option-below-minimum", ["--top-k", "0"], "Invalid value for '--top-k'"),
+    CliCase("option-not-a-number", ["--top-k", "abc"], "valid integer"),
+    CliCase("option-unknown", ["--no-such-option"], "No such option: --no-such-option"),
 ]
 
 
@@ -456,7 +460,7 @@ def test_cli_bad_input(case: CliCase, tmp_path: Path) -> None:
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in case.args]
     if "--device" not in args:
         args += ["--device", "cpu"]
-    result = CliRunner().invoke(app, ["analyze", *args, "--out", str(out)])
+    result = CliRunner().invoke(app, [case.command, *args, "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
