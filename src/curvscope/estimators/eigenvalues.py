@@ -18,6 +18,8 @@ from ._results import Result
 
 WHICH = ("largest", "smallest", "magnitude", "both")
 _FUNC = "eigenvalues"
+#: Explicit checks that may contradict the recurrence before giving up ("stagnated").
+_CHECKS = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,28 +117,39 @@ def _converged(values: np.ndarray, residuals: np.ndarray, tol: float, anorm: flo
 
 
 def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, bar) -> tuple:
-    """Run thick-restart Lanczos until the ``want`` wanted Ritz pairs converge or the budget."""
+    """Run thick-restart Lanczos until the ``want`` wanted Ritz pairs converge or the budget.
+
+    The recurrence residuals ``|beta s_last|`` decide when to look; the answer is then checked
+    with explicit residuals from the stored products. If those miss ``tol`` while the
+    recurrence claims it (rounding), iteration goes on; after ``_CHECKS`` such misses the
+    status is ``"stagnated"``: the arithmetic cannot deliver ``tol``.
+    """
     engine = ThickRestartLanczos(apply, start, basis_size, gen)
-    eps, anorm, restarts = engine.eps, 0.0, 0
+    eps, anorm, restarts, misses = engine.eps, 0.0, 0, 0
     while True:
         engine.step()
         theta, vectors, residuals = engine.ritz()
         anorm = max(anorm, float(np.abs(theta).max()))
         residuals = np.maximum(residuals, 10 * math.sqrt(engine.n) * eps * anorm)
         chosen = _pick(theta, which, want)
-        done = len(chosen) == want and bool(
+        claimed = len(chosen) == want and bool(
             _converged(theta[chosen], residuals[chosen], tol, anorm, eps).all()
         )
         bar.update(apply.count, float(np.max(residuals[chosen] / max(anorm, 1e-300))))
-        if done or apply.count >= budget:
-            break
+        if claimed or apply.count >= budget:
+            values, true, rows = engine.explicit(vectors[:, chosen])
+            true = np.maximum(true, 10 * eps * anorm)
+            if _converged(values, true, tol, anorm, eps).all():
+                return values, rows, true, anorm, restarts, "converged"
+            misses += claimed
+            if apply.count >= budget or misses >= _CHECKS:
+                status = "max_matvecs" if apply.count >= budget else "stagnated"
+                return values, rows, true, anorm, restarts, status
         if engine.n == basis_size:
             nconv = int(_converged(theta[chosen], residuals[chosen], tol, anorm, eps).sum())
             keep = _keep_count(want, nconv, basis_size)
             engine.restart(_pick(theta, which, keep), theta, vectors, 10 * eps * anorm)
             restarts += 1
-    vecs = engine.ritz_vectors(vectors[:, chosen])
-    return theta[chosen], vecs, residuals[chosen], anorm, restarts
 
 
 def _keep_count(want: int, nconv: int, basis_size: int) -> int:
@@ -224,19 +237,21 @@ def eigenvalues(
     with Progress(progress, "eigenvalues", budget) as bar:
         if size <= default_basis_size(want) and (budget >= size or basis_size <= want):
             values, vecs, residuals, anorm = _dense(apply, op, want, which)
-            method, restarts = "dense", 0
+            rows, method, restarts, status = vecs.T, "dense", 0, None
         else:
             found = _lanczos(apply, start, want, which, tol, budget, basis_size, gen, bar)
-            values, vecs, residuals, anorm, restarts = found
+            values, rows, residuals, anorm, restarts, status = found
             method = "lanczos"
         bar.update(apply.count, None)
     order = _order(values, which)
     values, residuals = values[order], residuals[order]
     converged = _converged(values, residuals, tol, anorm, torch.finfo(op.dtype).eps)
+    if status is None or bool(converged.all()):
+        status = "converged" if bool(converged.all()) else "max_matvecs"
     vectors = None
     if return_eigenvectors:
-        vectors = vecs[:, torch.as_tensor(order)].to(dtype=op.dtype, device=op.device)
-        vectors = vectors / torch.linalg.vector_norm(vectors, dim=0)
+        rows = rows[torch.as_tensor(order, device=rows.device)]
+        vectors = rows.to(dtype=op.dtype, device=op.device).T.contiguous()
     return EigenResult(
         values=torch.as_tensor(values, dtype=torch.float64),
         vectors=vectors,
