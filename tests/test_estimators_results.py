@@ -39,6 +39,43 @@ def test_frozen_counted_and_json_ready(name):
     json.dumps(out, allow_nan=False)
 
 
+STATUSES = {
+    "EigenResult": {"converged", "max_matvecs", "stagnated"},
+    "SolveResult": {"converged", "max_matvecs", "not positive definite", "stagnated"},
+    "TraceEstimate": {"exact", "estimated", "no_error_estimate"},
+    "DiagonalEstimate": {"exact", "estimated", "no_error_estimate"},
+    "SpectralDensity": {"exact", "estimated"},
+    "FrobeniusNormEstimate": {"estimated", "no_error_estimate"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESULTS))
+def test_every_result_carries_a_documented_status(name):
+    result = RESULTS[name](make_op())
+    assert result.status in STATUSES[name]
+    assert result.to_dict()["status"] == result.status
+    assert "status:" in type(result).__doc__
+
+
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        (lambda op: curvscope.trace(op, method="exact"), "exact"),
+        (lambda op: curvscope.trace(op, method="hutchinson", num_matvecs=10), "estimated"),
+        (lambda op: curvscope.trace(op, method="hutch++", num_matvecs=3), "no_error_estimate"),
+        (lambda op: curvscope.diagonal(op, method="exact"), "exact"),
+        (lambda op: curvscope.diagonal(op, num_matvecs=10), "estimated"),
+        (lambda op: curvscope.spectral_density(op, num_probes=1, lanczos_steps=40), "exact"),
+        (lambda op: curvscope.spectral_density(op, num_probes=2, lanczos_steps=5), "estimated"),
+        (lambda op: curvscope.frobenius_norm(op, num_matvecs=4), "estimated"),
+        (lambda op: curvscope.eigenvalues(op, k=2, tol=1e-8), "converged"),
+        (lambda op: curvscope.eigenvalues(op, k=2, tol=1e-12, max_matvecs=3), "max_matvecs"),
+    ],
+)
+def test_status_values(run, expected):
+    assert run(make_op()).status == expected
+
+
 def test_infinite_error_becomes_none():
     result = curvscope.trace(make_op(), method="hutch++", num_matvecs=3)
     assert result.std_error == float("inf") and result.to_dict()["std_error"] is None

@@ -37,6 +37,9 @@ class SpectralDensity(Result):
         num_probes, lanczos_steps: the settings used (1 and P for the exact method).
         method: ``"slq"``, or ``"exact"`` when P <= num_probes * lanczos_steps: then the P
             eigenvalues of the dense matrix from P products, each of weight 1/P, cost no more.
+        status: ``"exact"`` (the exact method) or ``"estimated"`` (stochastic Lanczos
+            quadrature: the error, from the probes and the finite number of steps, is not
+            estimated; compare two seeds or more probes).
     """
 
     nodes: torch.Tensor
@@ -47,6 +50,7 @@ class SpectralDensity(Result):
     num_probes: int
     lanczos_steps: int
     method: str = "slq"
+    status: str = "estimated"
 
     def atoms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat (nodes, weights) of the approximating distribution, weights summing to 1."""
@@ -150,6 +154,7 @@ def _exact(apply: Counter, op: Any) -> SpectralDensity:
         num_probes=1,
         lanczos_steps=size,
         method="exact",
+        status="exact",
     )
 
 
@@ -215,4 +220,5 @@ def spectral_density(
         num_matvecs=apply.count,
         num_probes=num_probes,
         lanczos_steps=steps,
+        status="estimated",
     )

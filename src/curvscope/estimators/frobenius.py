@@ -19,7 +19,7 @@ from ._common import (
     mean_and_error,
     quantile,
 )
-from ._results import Result
+from ._results import Result, estimate_status
 
 _FUNC = "frobenius_norm"
 
@@ -34,6 +34,7 @@ class FrobeniusNormEstimate(Result):
         ci_low, ci_high: square roots of the t interval for ||A||_F^2 (clipped at 0).
         confidence: the interval's nominal coverage.
         num_matvecs: products used.
+        status: ``"estimated"`` (finite standard error) or ``"no_error_estimate"``.
     """
 
     value: float
@@ -42,6 +43,7 @@ class FrobeniusNormEstimate(Result):
     ci_high: float
     confidence: float
     num_matvecs: int
+    status: str
 
 
 def frobenius_norm(
@@ -86,4 +88,5 @@ def frobenius_norm(
         ci_high=math.sqrt(max(square + half, 0.0)),
         confidence=confidence,
         num_matvecs=apply.count,
+        status=estimate_status("hutchinson", square_error),
     )
