@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +89,22 @@ def test_progress_bar_writes_to_stderr(capsys):
     curvscope.solve(op, torch.ones(40), damping=2.0, progress=True)
     captured = capsys.readouterr()
     assert captured.out == "" and "eigenvalues" in captured.err and "products" in captured.err
+
+
+@pytest.mark.parametrize("name", sorted(RESULTS))
+def test_estimators_work_under_inference_mode(name):
+    reference = RESULTS[name](make_op())
+    with torch.inference_mode():
+        inside = RESULTS[name](make_op())
+        made_inside = make_op()
+    outside = RESULTS[name](made_inside)  # an operator built under inference_mode, used after
+    for result in (inside, outside):
+        assert result.status == reference.status
+        for key, value in reference.to_dict().items():
+            got = result.to_dict()[key]
+            if isinstance(value, (str, bool, dict)) or value is None:
+                assert got == value, key
+            else:
+                np.testing.assert_allclose(
+                    np.asarray(got, dtype=float), np.asarray(value, dtype=float), 1e-10, 1e-12
+                )
