@@ -87,7 +87,12 @@ def test_progress_bar_writes_to_stderr(capsys):
     curvscope.eigenvalues(op, k=1, progress=True)
     curvscope.trace(op, progress=True)
     curvscope.solve(op, torch.ones(40), damping=2.0, progress=True)
+    curvscope.frobenius_norm(op, progress=True)
+    curvscope.diagonal(op, num_matvecs=4, progress=True)
+    curvscope.spectral_density(op, num_probes=2, lanczos_steps=5, progress=True)
     captured = capsys.readouterr()
+    for name in ("frobenius norm", "diagonal", "spectral density", "trace", "solve"):
+        assert name in captured.err
     assert captured.out == "" and "eigenvalues" in captured.err and "products" in captured.err
 
 
