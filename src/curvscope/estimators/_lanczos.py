@@ -21,6 +21,7 @@ Layout and rounding (what makes it honest and fast at millions of parameters in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -101,11 +102,12 @@ class ThickRestartLanczos:
         """One Lanczos step: multiply the newest basis vector, orthogonalise, extend the basis."""
         n = self.n
         self.W[n] = self.apply(self.V[n][:, None])[:, 0]
-        scale = norm(self.W[n])
         vector = self.V[n + 1]
         vector.copy_(self.W[n])
-        self.T[n, n] = orthogonalise(self.V[: n + 1], vector)[n]
+        coeffs = orthogonalise(self.V[: n + 1], vector)
+        self.T[n, n] = coeffs[n]
         beta = norm(vector)
+        scale = math.sqrt(float(coeffs @ coeffs) + beta**2)  # ||A v_n||, by Pythagoras
         if beta <= 100 * self.eps * max(scale, 1e-300):
             vector.copy_(self._fresh_direction(n + 1))
             beta = 0.0
