@@ -5,6 +5,7 @@ from .distributed import init_distributed, is_main_process, shard
 from .fisher import FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
+from .model import TrainModeWarning
 
 __all__ = [
     "DenseOperator",
@@ -12,6 +13,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "TrainModeWarning",
     "init_distributed",
     "is_main_process",
     "shard",
