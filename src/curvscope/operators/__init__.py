@@ -1,11 +1,11 @@
 """Curvature of a model over a dataset as linear operators, and the data/distributed layer."""
 
+from ._inputs import TrainModeWarning
 from .base import DenseOperator, LinearOperator
 from .distributed import init_distributed, is_main_process, shard
 from .fisher import FisherOperator
 from .ggn import GGNOperator
 from .hessian import HessianOperator
-from .model import TrainModeWarning
 
 __all__ = [
     "DenseOperator",

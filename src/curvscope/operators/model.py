@@ -23,9 +23,7 @@ all-reduce.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +33,13 @@ from torch.func import functional_call
 
 from .._checks import check_int, describe, type_error, value_error
 from ..derivatives import kernel
+from ._inputs import (
+    check_bool,
+    first_layer,
+    peek_targets,
+    select_params,
+    warn_train_mode,
+)
 from ._pass import (
     DataPass,
     PassOptions,
@@ -46,67 +51,6 @@ from .base import LinearOperator
 from .data import Batch, check_data, describe_batch, known_size, model_arguments, shapes_of
 from .distributed import rank_and_world_size
 from .losses import detect_reduction, resolve_loss, suggest_loss, undetected_reduction
-
-
-class TrainModeWarning(UserWarning):
-    """The model is in training mode with modules that behave differently in eval mode."""
-
-
-def _select_params(model: nn.Module, params: Any, func: str) -> list[str]:
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [name for name, p in named.items() if p.requires_grad]
-        if not names:
-            raise value_error(
-                func,
-                "model",
-                "a model with at least one parameter with requires_grad=True",
-                model,
-                f"All its parameters are frozen; pass params=[...] from {list(named)}, "
-                "or unfreeze some with p.requires_grad_(True).",
-            )
-        return names
-    if isinstance(params, str) or not isinstance(params, Sequence):
-        raise type_error(
-            func, "params", "None or a list of parameter names", params, f"Valid: {list(named)}."
-        )
-    unknown = [name for name in params if name not in named]
-    if unknown or not params or len(set(params)) != len(params):
-        raise value_error(
-            func,
-            "params",
-            f"a non-empty list of distinct names from {list(named)}",
-            params,
-            f"Unknown: {unknown}. Names come from model.named_parameters().",
-        )
-    return [name for name in named if name in set(params)]
-
-
-def _check_bool(func: str, arg: str, value: Any, allow_none: bool = False) -> Any:
-    if not isinstance(value, bool) and not (allow_none and value is None):
-        raise type_error(func, arg, "True or False" + (" or None" if allow_none else ""), value)
-    return value
-
-
-def mode_dependent_modules(model: nn.Module) -> list[str]:
-    """Names of the modules in training mode whose output differs in eval mode."""
-    names = []
-    for name, module in model.named_modules():
-        if not module.training:
-            continue
-        dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-        norm = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
-        )
-        inner = getattr(module, "dropout", 0.0)
-        inner = (
-            isinstance(inner, float)
-            and inner > 0
-            and isinstance(module, (nn.MultiheadAttention, nn.RNNBase))
-        )
-        if dropout or norm or inner:
-            names.append(f"{name or 'model'!r} ({type(module).__name__})")
-    return names
 
 
 def first_is_faster(
@@ -121,29 +65,6 @@ def first_is_faster(
             torch.cuda.synchronize(device)
         times[which] = time.perf_counter() - start
     return times[True] <= times[False]
-
-
-def _first_layer(model: nn.Module) -> str:
-    kinds = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase, nn.MultiheadAttention)
-    for name, module in model.named_modules():
-        if isinstance(module, kinds):
-            return f" The model's first layer, {name or 'model'!r}, is {module!r}."
-    return ""
-
-
-def _user_stacklevel() -> int:
-    """The stacklevel of the first frame outside curvscope (so warnings point at the caller)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("curvscope."):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _peek_targets(data: Any) -> Any:
-    with contextlib.suppress(Exception):
-        batch = data if isinstance(data, (tuple, list)) and len(data) == 2 else data[0]
-        return batch[1]
-    return None
 
 
 class _ModelOperator(LinearOperator):
@@ -168,16 +89,16 @@ class _ModelOperator(LinearOperator):
         func = self._func = type(self).__name__
         if not isinstance(model, nn.Module):
             raise type_error(func, "model", "a torch.nn.Module", model)
-        self._loss_spec = resolve_loss(loss_fn, reduction, func, _peek_targets(data))
+        self._loss_spec = resolve_loss(loss_fn, reduction, func, peek_targets(data))
         check_data(data, func)
         if known_size(data) == 0 and rank_and_world_size()[1] == 1:
             raise empty_data_error(func, data)
         check_int(func, "max_batch_size", max_batch_size, minimum=1, allow_none=True)
-        _check_bool(func, "progress", progress)
-        _check_bool(func, "eval_mode", eval_mode, allow_none=True)
-        _check_bool(func, "check_deterministic", check_deterministic)
+        check_bool(func, "progress", progress)
+        check_bool(func, "eval_mode", eval_mode, allow_none=True)
+        check_bool(func, "check_deterministic", check_deterministic)
         self._model, self._loss_fn, self._data = model, loss_fn, data
-        self._names = _select_params(model, params, func)
+        self._names = select_params(model, params, func)
         named = dict(model.named_parameters())
         self._param_shapes = {name: named[name].shape for name in self._names}
         first = named[self._names[0]]
@@ -187,7 +108,7 @@ class _ModelOperator(LinearOperator):
             )
         self._dtype, self._device, self._num_matvecs = first.dtype, first.device, 0
         if eval_mode is None:
-            self._warn_train_mode(model)
+            warn_train_mode(model, func)
         self._eval_mode = eval_mode is not False
         self._copy_buffers = not self._eval_mode and any(True for _ in model.buffers())
         self._pass = DataPass(
@@ -200,19 +121,6 @@ class _ModelOperator(LinearOperator):
             "eval_mode": self._eval_mode,
             "check_deterministic": check_deterministic,
         }
-
-    def _warn_train_mode(self, model: nn.Module) -> None:
-        modules = mode_dependent_modules(model)
-        if modules:
-            listed = ", ".join(modules[:5]) + (", ..." if len(modules) > 5 else "")
-            warnings.warn(
-                f"curvscope.{self._func}: the model is in training mode, and {listed} behave "
-                "differently in eval mode; curvscope evaluates the model in eval mode "
-                "(deterministic). Call model.eval() first, or pass eval_mode=True (eval, as now) "
-                "or eval_mode=False (keep train mode) to silence this warning.",
-                TrainModeWarning,
-                stacklevel=_user_stacklevel(),
-            )
 
     # -- the contract (see the module docstring) ----------------------------------------------
     def _batch_matmat(
@@ -411,7 +319,7 @@ class _ModelOperator(LinearOperator):
         return ValueError(
             f"curvscope.{self._func}(data=...): model(inputs) failed on "
             f"{describe_batch(batch)}; inputs {shapes_of(batch.inputs)}, targets "
-            f"{shapes_of(batch.targets)}.{_first_layer(self._model)} The model said: "
+            f"{shapes_of(batch.targets)}.{first_layer(self._model)} The model said: "
             f"{type(err).__name__}: {err}. Check that the inputs fit the model (a Tensor is "
             "passed as model(x), a tuple as model(*x), a dict as model(**x))."
         )
