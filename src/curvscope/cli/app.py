@@ -83,7 +83,7 @@ def analyze(
     """Analyse a trained model's curvature and write an HTML report (built-in example if no
     --model/--data)."""
     options = dict(locals())
-    from ..report.loading import BadInputError
+    from .loading import BadInputError
 
     try:
         _run(**options)
