@@ -191,30 +191,46 @@ class DataPass:
 
     # -- products --------------------------------------------------------------------------------
     def accumulate(
-        self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """``scale · Σ_b batch_fn(b)`` over the local data, then one all-reduce over processes.
+        self,
+        batch_fn: Callable[[Batch], list[torch.Tensor]],
+        zeros: list[torch.Tensor],
+        scale: float,
+    ) -> list[torch.Tensor]:
+        """``scale · Σ_b batch_fn(b)`` (lists of tensors, summed entry by entry) over the local
+        data, then one all-reduce over processes. ``zeros`` is the sum of no batches.
 
-        Raises ValueError naming the first batch whose result holds NaN or Inf.
+        Raises ValueError naming the first batch whose result holds NaN or Inf (found by a
+        second pass, on that path only).
         """
-        flags = []
+        total = None
         enabled = self.options.progress and is_main_process()
         with progress_bar(enabled, f"{self.options.func} product", self.num_batches) as advance:
             for batch in self.batches():
                 result = batch_fn(batch)
-                flags.append((batch, torch.isfinite(result).all()))
-                total = total + result
+                if total is None:
+                    total = list(result)
+                else:
+                    for part, add in zip(total, result, strict=True):
+                        part.add_(add)
                 advance()
-        total = all_reduce_sum(total * scale)
-        if not bool(torch.isfinite(total).all()):
-            bad = next((b for b, ok in flags if not bool(ok)), None)
+        total = total if total is not None else [torch.zeros_like(z) for z in zeros]
+        flat = all_reduce_sum(torch.cat([part.reshape(-1) for part in total]).mul_(scale))
+        if not bool(torch.isfinite(flat).all()):
+            bad = self._first_nonfinite(batch_fn)
             where = describe_batch(bad) if bad is not None else "a batch on another process"
             raise ValueError(
                 f"curvscope.{self.options.func}: NaN or Inf in the result of {where}"
                 f"{rank_text()}. Check that batch's inputs and targets, the model's "
                 "parameters, and the loss (e.g. log of 0) at this point."
             )
-        return total
+        pieces = flat.split([part.numel() for part in total])
+        return [piece.view(part.shape) for piece, part in zip(pieces, total, strict=True)]
+
+    def _first_nonfinite(self, batch_fn: Callable[[Batch], list[torch.Tensor]]) -> Batch | None:
+        for batch in self.batches():
+            if not all(bool(torch.isfinite(part).all()) for part in batch_fn(batch)):
+                return batch
+        return None
 
 
 def empty_data_error(func: str, data: Any) -> ValueError:

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .._checks import check_int, describe, type_error, value_error
 from ..derivatives import kernel
@@ -47,6 +46,7 @@ from ._pass import (
     empty_data_error,
     zero_normaliser_error,
 )
+from ._swap import Slots
 from .base import LinearOperator
 from .data import Batch, check_data, describe_batch, known_size, model_arguments, shapes_of
 from .distributed import rank_and_world_size
@@ -107,6 +107,13 @@ class _ModelOperator(LinearOperator):
                 func, "model", "parameters that share one dtype and device", model, "Call .to()."
             )
         self._dtype, self._device, self._num_matvecs = first.dtype, first.device, 0
+        self._locations = [
+            (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+            for name in self._names
+        ]
+        self._modules = list(model.modules())
+        self._param_slots = Slots(model, self._names)
+        self._buffer_slots = Slots(model, [n for n, _ in model.named_buffers()], buffers=True)
         if eval_mode is None:
             warn_train_mode(model, func)
         self._eval_mode = eval_mode is not False
@@ -156,29 +163,27 @@ class _ModelOperator(LinearOperator):
         """The full-data loss at ``θ + delta`` (``delta`` flat (P,) or a dict); model untouched."""
         shift = None if delta is None else self._delta(delta)
 
-        def batch_loss(batch: Batch) -> torch.Tensor:
+        def batch_loss(batch: Batch) -> list[torch.Tensor]:
             with torch.no_grad():
                 tensors = self._leaves()
                 if shift is not None:
                     pieces = kernel.stack_block(shift[:, None], self._shapes())
                     tensors = [t.detach() + d[0] for t, d in zip(tensors, pieces, strict=True)]
-                return self._batch_loss(batch, self._forward(batch, tensors)).detach()
+                return [self._batch_loss(batch, self._forward(batch, tensors)).detach()]
 
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        return float(self._run(batch_loss, total))
+        return float(self._run(batch_loss, [self._zero()])[0])
 
     def gradient(self) -> tuple[float, torch.Tensor]:
         """The full-data loss and its gradient, flat (P,), with respect to the selected params."""
 
-        def batch_grad(batch: Batch) -> torch.Tensor:
+        def batch_grad(batch: Batch) -> list[torch.Tensor]:
             leaves = self._leaves()
             value = self._batch_loss(batch, self._forward(batch, leaves))
-            grads = kernel.gradient(value, leaves)
-            return torch.cat([value.detach().reshape(1), *(g.reshape(-1) for g in grads)])
+            return [value.detach(), *kernel.gradient(value, leaves)]
 
-        total = torch.zeros(self.shape[0] + 1, dtype=self.dtype, device=self.device)
-        total = self._run(batch_grad, total)
-        return float(total[0]), total[1:]
+        zeros = [self._zero(), *(self._zero(shape) for shape in self._shapes())]
+        value, *grads = self._run(batch_grad, zeros)
+        return float(value), torch.cat([g.reshape(-1) for g in grads])
 
     def block(self, names: Sequence[str]) -> _ModelOperator:
         """The same kind of operator restricted to the parameters ``names``."""
@@ -190,13 +195,16 @@ class _ModelOperator(LinearOperator):
         with self._guard():
             matrix = matrix.clone() if matrix.is_inference() else matrix
             block = kernel.stack_block(matrix, self._shapes())
+            if matrix.shape[1] > 1 and self._batched is None:
+                self._start_pass()
             batched = matrix.shape[1] > 1 and self._block_policy(block)
             self._start_pass()
 
-            def batch_fn(batch: Batch) -> torch.Tensor:
-                return kernel.unstack_block(self._batch_matmat(batch, block, batched))
+            def batch_fn(batch: Batch) -> list[torch.Tensor]:
+                return self._batch_matmat(batch, block, batched)
 
-            return self._accumulate(batch_fn, torch.zeros_like(matrix))
+            total = self._accumulate(batch_fn, [torch.zeros_like(b) for b in block])
+            return kernel.unstack_block(total)
 
     def _block_policy(self, block: list[torch.Tensor]) -> bool:
         """Vmap blocks of columns or loop over them: timed once on the first batch, on up to
@@ -216,16 +224,21 @@ class _ModelOperator(LinearOperator):
                 self._batched = False
         return self._batched
 
-    def _run(self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+    def _zero(self, shape: Sequence[int] = ()) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _run(
+        self, batch_fn: Callable[[Batch], list[torch.Tensor]], zeros: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         self._setup()
-        with self._guard():
-            return self._accumulate(batch_fn, total)
+        with self._guard(second_order=False):
+            return self._accumulate(batch_fn, zeros)
 
     def _accumulate(
-        self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor
-    ) -> torch.Tensor:
+        self, batch_fn: Callable[[Batch], list[torch.Tensor]], zeros: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         try:
-            return self._pass.accumulate(batch_fn, total, self._scale)
+            return self._pass.accumulate(batch_fn, zeros, self._scale)
         except kernel.NotTwiceDifferentiableError as err:
             raise self._not_twice_differentiable(err) from err
         except RuntimeError as err:
@@ -247,7 +260,7 @@ class _ModelOperator(LinearOperator):
         is finite and deterministic."""
         if self._pass.ready:
             return
-        with self._guard():
+        with self._guard(second_order=False):
 
             def output_of(batch: Batch) -> Any:
                 return self._forward(batch, self._leaves())
@@ -290,26 +303,41 @@ class _ModelOperator(LinearOperator):
     def _shapes(self) -> list[torch.Size]:
         return list(self._param_shapes.values())
 
+    #: The selected parameters and the leaves to differentiate, read once per pass (in _guard).
+    _pass_params: list[torch.Tensor] | None = None
+    _pass_leaves: list[torch.Tensor] | None = None
+
+    def _read_params(self) -> list[torch.Tensor]:
+        """The selected parameters as the model holds them now (read where they live)."""
+        try:
+            return [module._parameters[attr] for module, attr in self._locations]
+        except (KeyError, AttributeError):  # the model was restructured: look them up again
+            named = dict(self._model.named_parameters())
+            return [named[name] for name in self._names]
+
     def _leaves(self) -> list[torch.Tensor]:
         """The tensors to differentiate: the model's own parameters (which autograd tracks
         without writing ``.grad``), or detached copies of those that do not require grad."""
-        named = dict(self._model.named_parameters())
-        params = [named[name] for name in self._names]
+        if self._pass_leaves is not None:
+            return self._pass_leaves
+        params = self._read_params()
         return [p if p.requires_grad else p.detach().requires_grad_(True) for p in params]
 
     def _forward(self, batch: Batch, tensors: Sequence[torch.Tensor]) -> Any:
         """The model's output on ``batch`` with ``tensors`` for the selected parameters: a plain
-        call when they are the model's own, else a functional call; the model is untouched."""
+        call when they are the model's own, else with them swapped in (``_swap``) and back out."""
         args, kwargs = model_arguments(batch.inputs)
-        named = dict(self._model.named_parameters())
-        own = all(t is named[n] for t, n in zip(tensors, self._names, strict=True))
+        params = self._pass_params or self._read_params()
+        own = all(t is p for t, p in zip(tensors, params, strict=True))
         try:
             if own and not self._copy_buffers:
                 return self._model(*args, **kwargs)
-            replaced = dict(zip(self._names, tensors, strict=True))
-            if self._copy_buffers:  # train-mode BatchNorm updates buffers: fresh copies here
-                replaced.update({n: b.clone() for n, b in self._model.named_buffers()})
-            return functional_call(self._model, replaced, args, kwargs)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(self._param_slots.substituted(tensors))
+                if self._copy_buffers:  # train-mode BatchNorm updates buffers: fresh copies
+                    copies = [b.clone() for b in self._model.buffers()]
+                    stack.enter_context(self._buffer_slots.substituted(copies))
+                return self._model(*args, **kwargs)
         except Exception as err:
             if kernel.lacks_forward_ad(err):
                 raise
@@ -350,11 +378,12 @@ class _ModelOperator(LinearOperator):
         return self._check_tensor(delta, func, "delta", ndim=1)
 
     @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
+    def _guard(self, *, second_order: bool = True) -> Iterator[None]:
         """Eval mode (unless eval_mode=False), gradients on (also under no_grad or
-        inference_mode), the global RNG state and attention kernels that support second
-        derivatives; everything restored afterwards."""
-        flags = [(module, module.training) for module in self._model.modules()]
+        inference_mode), the global RNG state, and for ``second_order`` products attention
+        kernels that support second derivatives (loss and gradient keep the fused ones);
+        everything restored afterwards."""
+        flags = [module.training for module in self._modules]
         devices = []
         if self.device.type == "cuda":
             devices = [self.device.index if self.device.index is not None else 0]
@@ -363,11 +392,16 @@ class _ModelOperator(LinearOperator):
                 torch.inference_mode(False),
                 torch.enable_grad(),
                 torch.random.fork_rng(devices=devices),
-                differentiable_attention(),
+                differentiable_attention() if second_order else contextlib.nullcontext(),
             ):
                 if self._eval_mode:
-                    self._model.eval()
+                    for module in self._modules:  # as model.eval(), without Module.__setattr__
+                        module.__dict__["training"] = False
+                self._pass_params = None
+                self._pass_leaves = self._leaves()
+                self._pass_params = self._read_params()
                 yield
         finally:
-            for module, flag in flags:
-                module.training = flag
+            self._pass_params = self._pass_leaves = None
+            for module, flag in zip(self._modules, flags, strict=True):
+                module.__dict__["training"] = flag
