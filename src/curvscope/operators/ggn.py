@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,6 +13,17 @@ from ..derivatives import kernel
 from .data import Batch
 from .losses import loss_hessian_matmat
 from .model import _ModelOperator
+
+
+@contextlib.contextmanager
+def _unfused() -> Iterator[None]:
+    """oneDNN and cuDNN off: the composite kernels (e.g. of nn.LSTM) have forward mode."""
+    flags = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = flags
 
 
 class _OutputSpaceOperator(_ModelOperator):
@@ -23,8 +36,10 @@ class _OutputSpaceOperator(_ModelOperator):
     derivative of the network is ever taken. Subclasses implement ``_output_matmat``.
     """
 
-    #: One column uses one dual-number pass until an op turns out to lack forward mode.
-    _dual_pass = True
+    #: Columns use dual-number passes: "fused" (the model as it runs), then "unfused" (oneDNN
+    #: and cuDNN off: their fused RNN kernels lack forward mode) once an op turned out to lack
+    #: it, then None (no forward mode at all: the double-VJP trick).
+    _dual_pass: str | None = "fused"
 
     def _output_matmat(
         self, output: torch.Tensor, batch: Batch, block: torch.Tensor
@@ -61,12 +76,13 @@ class _OutputSpaceOperator(_ModelOperator):
         """``Jᵀ M J v``: one forward pass with dual numbers carries the graph and ``J v``."""
         leaves = self._leaves()
         try:
-            output, jv = kernel.jvp_dual(lambda ts: self._forward(batch, ts), leaves, vector)
+            with _unfused() if self._dual_pass == "unfused" else contextlib.nullcontext():
+                output, jv = kernel.jvp_dual(lambda ts: self._forward(batch, ts), leaves, vector)
         except (NotImplementedError, RuntimeError) as err:
             if not kernel.lacks_forward_ad(err):
                 raise
-            self._dual_pass = False
-            return None
+            self._dual_pass = "unfused" if self._dual_pass == "fused" else None
+            return None if self._dual_pass is None else self._dual_column(batch, vector)
         return self._pullback(batch, output, leaves, jv.unsqueeze(0), False)
 
     def _reverse_matmat(
