@@ -1,17 +1,25 @@
 """The base class of every curvature operator of a model over a dataset.
 
-The contract of a new operator (subclass ``_ModelOperator``):
+The contract of a new operator (subclass ``_ModelOperator``, call its ``__init__`` with the
+common arguments, then add your own options to ``self._options`` so that ``block()`` can
+rebuild the operator):
 
 - implement ``_batch_matmat(batch, block, batched) -> list[Tensor]``: the curvature of the
-  *summed* loss of one batch, ``S_b`` (``self._batch_loss``), times ``block``, a list with one
-  ``(k, *param.shape)`` stack per selected parameter; return the same form. Use the helpers:
-  ``self._leaves()`` (the tensors to differentiate: the model's own parameters where they
-  require grad), ``self._forward(batch, tensors)`` (the model's output, a plain call when
-  ``tensors`` are the leaves, a functional call otherwise) and the kernel in
-  ``curvscope.derivatives.kernel``. ``batched`` says whether to vmap over the k columns or loop
-  (decided here once, by timing, for blocks of k > 1; always False for one column).
+  *summed* loss of one batch, ``S_b`` (``self._batch_loss(batch, output)``), times ``block``, a
+  list with one ``(k, *param.shape)`` stack per selected parameter (in ``param_names`` order);
+  return the same form. The base class divides the sum over batches by the dataset normaliser
+  (reduction "mean"), so never divide by a batch size. Helpers: ``self._leaves()`` (the tensors
+  to differentiate: the model's own parameters, or detached copies of selected frozen ones),
+  ``self._forward(batch, tensors)`` (the model's output: a plain call when ``tensors`` are the
+  leaves, else with them swapped in; wraps model errors with the batch), ``self._loss_spec``
+  (the loss's closed forms, ``losses``) and the kernel in ``curvscope.derivatives.kernel``.
+  ``batched`` says whether to vmap over the k columns or loop (decided here once, by timing,
+  for blocks of k > 1; always False for one column).
 - optionally ``_start_pass()`` (called before each product pass, e.g. to re-seed sampling) and
   ``_check_output(output, batch)`` (validate the first batch's output).
+- an operator that does not multiply batch by batch (e.g. one that fits factors once) may
+  override ``_matmat(matrix)`` instead, and use ``self._run(batch_fn, zeros)`` for its passes
+  over the data (set-up, guards, normalisation and all-reduce included).
 
 Everything else lives here or in ``_pass``: parameter selection, the data pass with its
 set-up, normalisation ``A = (1/Z) Σ_b A_b`` (mean) or ``Σ_b A_b`` (sum), micro-batching, the
