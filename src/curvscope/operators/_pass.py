@@ -12,6 +12,7 @@ the batch, and all-reduces over processes.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -249,3 +250,17 @@ def zero_normaliser_error(func: str, name: str) -> ValueError:
         "is ignore_index, or their class weights add up to 0), so the mean loss is undefined. "
         "Pass data with counted targets, or a loss with reduction='sum'."
     )
+
+
+def first_is_faster(
+    first: Callable[[], Any], second: Callable[[], Any], device: torch.device
+) -> bool:
+    """Whether ``first()`` runs at least as fast as ``second()`` (each timed on its second run)."""
+    times = {}
+    for which, run in [(True, first), (False, second), (True, first), (False, second)]:
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times[which] = time.perf_counter() - start
+    return times[True] <= times[False]

@@ -31,18 +31,19 @@ all-reduce.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._checks import check_int, describe, type_error, value_error
+from .._checks import check_int, type_error, value_error
 from ..derivatives import kernel
 from ._inputs import (
     check_bool,
-    first_layer,
+    loss_error,
+    model_error,
+    not_twice_differentiable,
     peek_targets,
     select_params,
     warn_train_mode,
@@ -52,27 +53,19 @@ from ._pass import (
     PassOptions,
     differentiable_attention,
     empty_data_error,
+    first_is_faster,
     zero_normaliser_error,
 )
 from ._swap import Slots
 from .base import LinearOperator
-from .data import Batch, check_data, describe_batch, known_size, model_arguments, shapes_of
+from .data import Batch, check_data, known_size, model_arguments
 from .distributed import rank_and_world_size
-from .losses import detect_reduction, resolve_loss, suggest_loss, undetected_reduction
+from .losses import detect_reduction, resolve_loss, undetected_reduction
 
 
-def first_is_faster(
-    first: Callable[[], Any], second: Callable[[], Any], device: torch.device
-) -> bool:
-    """Whether ``first()`` runs at least as fast as ``second()`` (each timed on its second run)."""
-    times = {}
-    for which, run in [(True, first), (False, second), (True, first), (False, second)]:
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times[which] = time.perf_counter() - start
-    return times[True] <= times[False]
+def _passes_through(err: Exception) -> bool:
+    """Errors the products handle themselves (missing forward mode or second derivatives)."""
+    return kernel.lacks_forward_ad(err) or "not implemented" in str(err)
 
 
 class _ModelOperator(LinearOperator):
@@ -248,19 +241,11 @@ class _ModelOperator(LinearOperator):
         try:
             return self._pass.accumulate(batch_fn, zeros, self._scale)
         except kernel.NotTwiceDifferentiableError as err:
-            raise self._not_twice_differentiable(err) from err
+            raise not_twice_differentiable(self._func, self._loss_spec.name, err) from err
         except RuntimeError as err:
             if "derivative for" in str(err) and "not implemented" in str(err):
-                raise self._not_twice_differentiable(err) from err
+                raise not_twice_differentiable(self._func, self._loss_spec.name, err) from err
             raise
-
-    def _not_twice_differentiable(self, err: BaseException) -> ValueError:
-        return ValueError(
-            f"curvscope.{self._func}(loss_fn=...): torch cannot take the second derivative "
-            f"needed here, of loss_fn {self._loss_spec.name} or of an operation in the model "
-            f"({str(err).splitlines()[0]}). Use a twice-differentiable loss (or model), or "
-            "FisherOperator(kind='empirical'), which needs first derivatives only."
-        )
 
     # -- set-up on first use ---------------------------------------------------------------------
     def _setup(self) -> None:
@@ -314,6 +299,7 @@ class _ModelOperator(LinearOperator):
     #: The selected parameters and the leaves to differentiate, read once per pass (in _guard).
     _pass_params: list[torch.Tensor] | None = None
     _pass_leaves: list[torch.Tensor] | None = None
+    _pass_own = False
 
     def _read_params(self) -> list[torch.Tensor]:
         """The selected parameters as the model holds them now (read where they live)."""
@@ -335,8 +321,11 @@ class _ModelOperator(LinearOperator):
         """The model's output on ``batch`` with ``tensors`` for the selected parameters: a plain
         call when they are the model's own, else with them swapped in (``_swap``) and back out."""
         args, kwargs = model_arguments(batch.inputs)
-        params = self._pass_params or self._read_params()
-        own = all(t is p for t, p in zip(tensors, params, strict=True))
+        if tensors is self._pass_leaves:
+            own = self._pass_own
+        else:
+            params = self._pass_params or self._read_params()
+            own = all(t is p for t, p in zip(tensors, params, strict=True))
         try:
             if own and not self._copy_buffers:
                 return self._model(*args, **kwargs)
@@ -349,35 +338,24 @@ class _ModelOperator(LinearOperator):
         except Exception as err:
             if kernel.lacks_forward_ad(err):
                 raise
-            raise self._model_error(batch, err) from err
-
-    def _model_error(self, batch: Batch, err: Exception) -> ValueError:
-        return ValueError(
-            f"curvscope.{self._func}(data=...): model(inputs) failed on "
-            f"{describe_batch(batch)}; inputs {shapes_of(batch.inputs)}, targets "
-            f"{shapes_of(batch.targets)}.{first_layer(self._model)} The model said: "
-            f"{type(err).__name__}: {err}. Check that the inputs fit the model (a Tensor is "
-            "passed as model(x), a tuple as model(*x), a dict as model(**x))."
-        )
+            raise model_error(self._func, self._model, batch, err) from err
 
     def _batch_loss(self, batch: Batch, output: Any) -> torch.Tensor:
         """``S_b``: the summed loss of ``batch`` (see ``losses``)."""
-        summed = self._loss_spec.summed
-        return self._call_loss(lambda: summed(output, batch.targets, batch.size), batch, output)
+        try:
+            return self._loss_spec.summed(output, batch.targets, batch.size)
+        except Exception as err:
+            if _passes_through(err):
+                raise
+            raise loss_error(self._func, batch, output, err) from err
 
     def _call_loss(self, call: Callable[[], Any], batch: Batch, output: Any) -> Any:
         try:
             return call()
         except Exception as err:
-            if kernel.lacks_forward_ad(err) or "not implemented" in str(err):
+            if _passes_through(err):
                 raise
-            raise ValueError(
-                f"curvscope.{self._func}(loss_fn=...): loss_fn(output, targets) failed on "
-                f"{describe_batch(batch)} with output {describe(output)} and targets "
-                f"{describe(batch.targets)}: {err}. Check that data yields targets that fit "
-                "loss_fn (class indices of dtype long for cross-entropy, the output's shape "
-                f"for MSE); for these targets, {suggest_loss(batch.targets)} fits."
-            ) from err
+            raise loss_error(self._func, batch, output, err) from err
 
     def _delta(self, delta: Any) -> torch.Tensor:
         func = f"{self._func}.loss"
@@ -408,6 +386,9 @@ class _ModelOperator(LinearOperator):
                 self._pass_params = None
                 self._pass_leaves = self._leaves()
                 self._pass_params = self._read_params()
+                self._pass_own = all(
+                    t is p for t, p in zip(self._pass_leaves, self._pass_params, strict=True)
+                )
                 yield
         finally:
             self._pass_params = self._pass_leaves = None
