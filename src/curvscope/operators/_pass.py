@@ -196,9 +196,10 @@ class DataPass:
         batch_fn: Callable[[Batch], list[torch.Tensor]],
         zeros: list[torch.Tensor],
         scale: float,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """``scale · Σ_b batch_fn(b)`` (lists of tensors, summed entry by entry) over the local
-        data, then one all-reduce over processes. ``zeros`` is the sum of no batches.
+        data, flattened and concatenated in order, then one all-reduce over processes.
+        ``zeros`` is the sum of no batches.
 
         Raises ValueError naming the first batch whose result holds NaN or Inf (found by a
         second pass, on that path only).
@@ -224,8 +225,7 @@ class DataPass:
                 f"{rank_text()}. Check that batch's inputs and targets, the model's "
                 "parameters, and the loss (e.g. log of 0) at this point."
             )
-        pieces = flat.split([part.numel() for part in total])
-        return [piece.view(part.shape) for piece, part in zip(pieces, total, strict=True)]
+        return flat
 
     def _first_nonfinite(self, batch_fn: Callable[[Batch], list[torch.Tensor]]) -> Batch | None:
         for batch in self.batches():

@@ -183,8 +183,8 @@ class _ModelOperator(LinearOperator):
             return [value.detach(), *kernel.gradient(value, leaves)]
 
         zeros = [self._zero(), *(self._zero(shape) for shape in self._shapes())]
-        value, *grads = self._run(batch_grad, zeros)
-        return float(value), torch.cat([g.reshape(-1) for g in grads])
+        total = self._run(batch_grad, zeros)
+        return float(total[0]), total[1:]
 
     def block(self, names: Sequence[str]) -> _ModelOperator:
         """The same kind of operator restricted to the parameters ``names``."""
@@ -205,7 +205,11 @@ class _ModelOperator(LinearOperator):
                 return self._batch_matmat(batch, block, batched)
 
             total = self._accumulate(batch_fn, [torch.zeros_like(b) for b in block])
-            return kernel.unstack_block(total)
+            k = matrix.shape[1]
+            if k == 1:
+                return total[:, None]
+            parts = total.split([b.numel() for b in block])
+            return kernel.unstack_block([part.view(k, -1) for part in parts])
 
     def _block_policy(self, block: list[torch.Tensor]) -> bool:
         """Vmap blocks of columns or loop over them: timed once on the first batch, on up to
@@ -230,14 +234,14 @@ class _ModelOperator(LinearOperator):
 
     def _run(
         self, batch_fn: Callable[[Batch], list[torch.Tensor]], zeros: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         self._setup()
         with self._guard(second_order=False):
             return self._accumulate(batch_fn, zeros)
 
     def _accumulate(
         self, batch_fn: Callable[[Batch], list[torch.Tensor]], zeros: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         try:
             return self._pass.accumulate(batch_fn, zeros, self._scale)
         except kernel.NotTwiceDifferentiableError as err:
