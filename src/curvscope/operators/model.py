@@ -39,6 +39,7 @@ from torch import nn
 
 from .._checks import check_int, type_error, value_error
 from ..derivatives import kernel
+from ..derivatives.tree import split_flat
 from ._inputs import (
     check_bool,
     loss_error,
@@ -208,8 +209,7 @@ class _ModelOperator(LinearOperator):
             k = matrix.shape[1]
             if k == 1:
                 return total[:, None]
-            parts = total.split([b.numel() for b in block])
-            return kernel.unstack_block([part.view(k, -1) for part in parts])
+            return kernel.unstack_block(split_flat(total, [b.shape for b in block]))
 
     def _block_policy(self, block: list[torch.Tensor]) -> bool:
         """Vmap blocks of columns or loop over them: timed once on the first batch, on up to
