@@ -307,3 +307,16 @@ def test_structured_curvatures_use_their_exact_inverse(curvature, cls):
     )  # fmt: skip
     torch.testing.assert_close(cg.scores(test), scores, rtol=1e-8, atol=1e-11)
     assert math.isfinite(cg.solver_status.max_relative_residual)
+
+
+def test_an_indefinite_system_is_reported():
+    model = _model()
+    train, test, (x, y) = _data()
+    lowest = float(torch.linalg.eigvalsh(_curvature(model, x, y, "hessian")).min())
+    assert lowest < 0
+    influence = curvscope.InfluenceFunction(
+        model, nn.CrossEntropyLoss(), train, curvature="hessian", damping=-lowest / 2
+    )
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        influence.scores(test)
+    assert influence.solver_status.status == "not positive definite"

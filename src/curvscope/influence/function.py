@@ -360,11 +360,19 @@ class InfluenceFunction:
             status=worst or statuses[0].status,
         )
         self.solver_status = status
-        if worst is not None:
+        if worst == "not positive definite":
+            warnings.warn(
+                f"curvscope.{FUNC}: the curvature plus damping ({self.damping:.3g}) is not "
+                "positive definite: the scores are not those of a minimum. Raise damping, or use "
+                "curvature='ggn' or 'fisher' (positive semi-definite).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif worst is not None:
             warnings.warn(
                 f"curvscope.{FUNC}: solver {status.solver!r}: {status.status} "
                 f"({status.num_converged} of {status.num_columns} solves met tol, largest "
-                f"relative residual {status.max_relative_residual}). Raise damping or "
+                f"relative residual {status.max_relative_residual:.3g}). Raise damping or "
                 "max_matvecs, or use solver='exact'.",
                 RuntimeWarning,
                 stacklevel=3,
