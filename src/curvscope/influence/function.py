@@ -261,6 +261,16 @@ class InfluenceFunction:
         return self._op
 
     @property
+    def param_names(self) -> list[str]:
+        """The parameters the gradients and curvature are taken with respect to, in order."""
+        return list(self._gradients.names)
+
+    @property
+    def num_params(self) -> int:
+        """P, their total number of entries."""
+        return self._size
+
+    @property
     def num_train(self) -> int:
         """n, the number of training examples."""
         if self._num_train is None:
