@@ -87,7 +87,7 @@ class InfluenceFunction:
         seed: seed of every random choice (trace probes, Lanczos start vectors).
         progress: show progress bars on stderr.
         rank: eigenpairs for ``solver="lowrank"``.
-        tol: relative residual of the iterative solvers (None: 1e-8 in float64, 1e-5 else).
+        tol: relative residual of the iterative solvers (None: 1e-8 in float64, 1e-4 else).
         max_matvecs: iterations per column of "cg" and "lissa" (None: 1000).
 
     Example:
@@ -152,7 +152,7 @@ class InfluenceFunction:
             model, loss_fn, names, max_batch_size=max_batch_size, func=FUNC
         )
         self._size = sum(dict(model.named_parameters())[n].numel() for n in names)
-        eps_tol = 1e-8 if self._gradients.dtype == torch.float64 else 1e-5
+        eps_tol = 1e-8 if self._gradients.dtype == torch.float64 else 1e-4
         self._options = {
             "rank": rank,
             "seed": seed,
