@@ -70,10 +70,10 @@ def _curvscope(curvature: str, solver: str = "auto") -> Callable:
 def _dattri_task(model):
     from dattri.task import AttributionTask
 
-    def loss(params, pair):
+    def loss(params, pair):  # one example (batched or not) or a batch: the mean loss
         image, label = pair
-        output = torch.func.functional_call(model, params, image.unsqueeze(0))
-        return nn.functional.cross_entropy(output, label.unsqueeze(0))
+        output = torch.func.functional_call(model, params, image.reshape(-1, 64))
+        return nn.functional.cross_entropy(output, label.reshape(-1))
 
     return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
 
@@ -102,8 +102,8 @@ def _dattri_trak(model, train, test):
 
     def probability(params, pair):
         image, label = pair
-        output = torch.func.functional_call(model, params, image.unsqueeze(0))
-        return torch.exp(-nn.functional.cross_entropy(output, label.unsqueeze(0)))
+        output = torch.func.functional_call(model, params, image.reshape(-1, 64))
+        return torch.exp(-nn.functional.cross_entropy(output, label.reshape(-1)))
 
     attributor = TRAKAttributor(
         task=_dattri_task(model),
@@ -113,7 +113,7 @@ def _dattri_trak(model, train, test):
     )
     train_loader, test_loader = _loaders(train, test)
     attributor.cache(train_loader)
-    return attributor.attribute(train_loader, test_loader).T.detach()
+    return attributor.attribute(test_loader).T.detach()
 
 
 def _kronfluence(model, train, test):
