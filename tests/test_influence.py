@@ -320,3 +320,31 @@ def test_an_indefinite_system_is_reported():
     with pytest.warns(RuntimeWarning, match="not positive definite"):
         influence.scores(test)
     assert influence.solver_status.status == "not positive definite"
+
+
+class _StructuredStandIn(curvscope.DenseOperator):
+    """An operator with an exact inverse and trace, as the structured operators of issue 10."""
+
+    def inverse(self, damping=0.0):
+        eye = torch.eye(self.shape[0], dtype=self.dtype)
+        return curvscope.DenseOperator(torch.linalg.inv(self._matrix + damping * eye))
+
+    def trace(self):
+        return float(self._matrix.trace())
+
+
+def test_an_operator_with_an_exact_inverse_is_used_without_products():
+    model = _model()
+    train, test, (x, y) = _data()
+    matrix = _curvature(model, x, y, "ggn")
+    names = [name for name, _ in model.named_parameters()]
+    operator = _StructuredStandIn(matrix)
+    influence = curvscope.InfluenceFunction(
+        model, nn.CrossEntropyLoss(), train, curvature=operator, params=names
+    )
+    assert influence.solver == "exact"
+    assert influence.damping == pytest.approx(0.1 * float(matrix.trace()) / matrix.shape[0])
+    scores, self_scores = _reference(model, matrix, influence.damping)
+    torch.testing.assert_close(influence.scores(test), scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(influence.self_influence(), self_scores, rtol=1e-9, atol=1e-12)
+    assert influence.num_matvecs == 0 and operator.num_matvecs == 0

@@ -116,6 +116,20 @@ def operator_names(model: nn.Module, op: Any, params: Any) -> list[str]:
     return list(names)
 
 
+def same_names(op: Any, names: list[str]) -> list[str]:
+    """The operator's parameter order, checked to hold the same parameters as ``names``."""
+    order = list(getattr(op, "param_names", names))
+    if sorted(order) != sorted(names):
+        raise value_error(
+            FUNC,
+            "params",
+            f"parameters the structured curvature supports ({order})",
+            names,
+            "Restrict params= to the parameters of supported layers.",
+        )
+    return order
+
+
 def resolve_solver(solver: str, curvature: Any, op: Any, size: int) -> str:
     """The solver that ``solver="auto"`` stands for (see InfluenceFunction)."""
     if curvature == "identity":

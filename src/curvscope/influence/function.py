@@ -206,6 +206,7 @@ class InfluenceFunction:
             )
             if self._solver_choice == "auto":
                 self._solver_name = "exact"
+            self._gradients.names = _setup.same_names(self._op, self._gradients.names)
         n = self.num_train
         scale = float(n) if getattr(self._op, "reduction", "mean") == "sum" else 1.0
         solver = SOLVERS[self._solver_name](self._op, scale, 0.0, self._options)

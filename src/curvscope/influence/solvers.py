@@ -123,6 +123,7 @@ class ExactSolver(_Solver):
     def mean_eigenvalue(self) -> float | None:
         if self.structured:
             value = self.op.trace() if callable(getattr(self.op, "trace", None)) else None
+            value = getattr(value, "value", value)  # a float, a 0-d tensor or a result
             return None if value is None else float(value) / self.scale / self.op.shape[0]
         return float(self.values.mean())
 
