@@ -7,9 +7,10 @@ diagonal, density, solve) <- ``report`` (analysis, plots, HTML) <- ``cli``.
 The public surface is what this module exports.
 """
 
-from . import derivatives, estimators, operators, report
+from . import derivatives, estimators, laplace, operators, report
 from .derivatives import *  # noqa: F403
 from .estimators import *  # noqa: F403
+from .laplace import *  # noqa: F403
 from .operators import *  # noqa: F403
 from .report import *  # noqa: F403
 
@@ -19,5 +20,6 @@ __all__ = [
     *derivatives.__all__,
     *operators.__all__,
     *estimators.__all__,
+    *laplace.__all__,
     *report.__all__,
 ]
