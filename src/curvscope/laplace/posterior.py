@@ -70,15 +70,20 @@ class Structure:
 
 
 class DenseStructure(Structure):
-    """C as an explicit symmetric (P, P) matrix ("full")."""
+    """C as an explicit symmetric (P, P) matrix ("full"); ``psd=True`` clamps its eigenvalues
+    at 0 (for a GGN, whose negative eigenvalues can only be rounding errors)."""
 
     name = "full"
 
-    def __init__(self, matrix: torch.Tensor) -> None:
-        self.matrix = (matrix + matrix.T) / 2
+    def __init__(self, matrix: torch.Tensor, *, psd: bool = False) -> None:
         self.num_params = matrix.shape[0]
-        values, vectors = torch.linalg.eigh(self.matrix)
-        self.values, self.vectors = values, vectors
+        symmetric = ((matrix + matrix.T) / 2).to(torch.float64)
+        values, vectors = torch.linalg.eigh(symmetric)
+        if psd:  # a GGN: negative eigenvalues are rounding errors
+            values = values.clamp_min(0)
+            symmetric = (vectors * values) @ vectors.T
+        self.matrix = symmetric.to(matrix.dtype)
+        self.values, self.vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
         self._cache: tuple[Any, torch.Tensor] | None = None
 
     def matmat(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -144,8 +149,8 @@ class DiagonalStructure(Structure):
 
     name = "diag"
 
-    def __init__(self, diagonal: torch.Tensor) -> None:
-        self.values = diagonal
+    def __init__(self, diagonal: torch.Tensor, *, psd: bool = True) -> None:
+        self.values = diagonal.clamp_min(0) if psd else diagonal
         self.num_params = diagonal.numel()
 
     def matmat(self, matrix: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,9 @@ from .posterior import DenseStructure, DiagonalStructure, LowRankStructure, Stru
 STRUCTURES = ("kfac", "full", "diag", "lowrank")
 #: Default number of eigenpairs of the "lowrank" structure.
 DEFAULT_RANK = 50
+#: Without GGNDiagonalOperator, the exact diagonal of a GGN with at most this many entries comes
+#: from one block of P products (to_dense), else from the exact diagonal estimator.
+DENSE_DIAGONAL_ENTRIES = 4096**2
 
 
 def public(name: str) -> Any:
@@ -81,7 +84,7 @@ def build(
         return _kfac(model, loss_fn, data, names, shapes, seed, progress, func)
     ggn = _operators.GGNOperator(model, loss_fn, data, params=names, progress=progress)
     if structure == "full":
-        return DenseStructure(ggn.to_dense())
+        return DenseStructure(ggn.to_dense(), psd=True)
     if structure == "diag":
         return DiagonalStructure(_exact_diagonal(model, loss_fn, data, names, ggn, progress))
     size = ggn.shape[0]
@@ -108,6 +111,8 @@ def _exact_diagonal(model, loss_fn, data, names, ggn, progress) -> torch.Tensor:
         op = diagonal_operator(model, loss_fn, data, params=names, kind="exact", progress=progress)
         by_name = op.diagonal()
         return torch.cat([by_name[name].reshape(-1) for name in names])
+    if ggn.shape[0] ** 2 <= DENSE_DIAGONAL_ENTRIES:  # one block of P products: fastest here
+        return ggn.to_dense().diagonal()
     return _estimators.diagonal(ggn, method="exact").value
 
 
