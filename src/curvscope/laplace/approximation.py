@@ -301,6 +301,19 @@ class LaplaceApproximation:
         scores = self._validation_nll(val_data, values, predictive, func)
         return values[int(np.nanargmin(scores))]
 
+    def validation_nll(
+        self, val_data: Any, grid: Any = None, *, predictive: str = "probit"
+    ) -> list[float]:
+        """The mean negative log-likelihood of the predictive on ``val_data`` at each prior
+        precision of ``grid`` (default as in ``optimize_prior_precision``): the curve that
+        "gridsearch" minimises. Classification: per example; regression: per output element,
+        with the predictive variance including σ²."""
+        func = f"{_FUNC}.validation_nll"
+        check_choice(func, "predictive", predictive, ("probit", "glm"))
+        check_data(val_data, func)
+        values = [self._check_prior(float(v), "grid") for v in (grid or DEFAULT_GRID)]
+        return self._validation_nll(val_data, values, predictive, func)
+
     def _validation_nll(self, val_data: Any, values: list, predictive: str, func: str) -> list:
         priors = [self._prior_vector(value) for value in values]
         offsets = [self._offsets(prior, 100, 0) for prior in priors] if predictive == "glm" else []

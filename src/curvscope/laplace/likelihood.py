@@ -21,9 +21,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from .._checks import value_error
+from ..operators.distributed import all_reduce_sum
 from ..operators.losses import resolve_loss
 from ._model import ModelFunction
 
@@ -102,6 +104,11 @@ def measure(function: ModelFunction, data: Any, kind: str, spec: Any, func: str)
         else:
             targets_count += output.numel()
             total += float(((output - targets.reshape(output.shape)) ** 2).sum())
+    # under torch.distributed each process holds a shard: sum over processes, as the operators do
+    summed = torch.tensor([total, examples, targets_count], dtype=torch.float64)
+    total, examples, targets_count = all_reduce_sum(summed.to(function.device)).tolist()
     if examples == 0:
         raise value_error(func, "data", "at least one example", data, "The data is empty.")
-    return Likelihood(kind, spec.reduction, examples, targets_count, spec.ignore_index, total)
+    return Likelihood(
+        kind, spec.reduction, int(examples), int(targets_count), spec.ignore_index, total
+    )
