@@ -170,17 +170,21 @@ PREDICTORS = {
 def evidence_figure(result: Any) -> bytes:
     """Log evidence and validation NLL over the prior precision, chosen priors marked."""
     figure, axis = plt.subplots(figsize=(7.0, 3.2))
-    axis.semilogx(result.prior_grid, result.log_evidence, color=BOTTOM, marker=".")
+    values = np.asarray(result.log_evidence, dtype=float)
+    axis.plot(result.prior_grid, values - np.nanmax(values), color=BOTTOM, marker=".")
+    axis.set_xscale("log")
+    axis.set_yscale("symlog", linthresh=1.0)  # the optimum linear, the steep sides compressed
+    axis.set_ylim(top=0.5)
     axis.axvline(result.prior_evidence, color=BOTTOM, linestyle="--", label="max evidence")
     axis.set_xlabel("prior precision δ")
-    axis.set_ylabel("log evidence", color=BOTTOM)
+    axis.set_ylabel("log evidence − its maximum", color=BOTTOM)
     other = axis.twinx()
     other.semilogx(result.prior_grid, result.validation_nll, color=TOP, marker=".")
     other.axvline(result.prior_validation, color=TOP, linestyle=":", label="min validation NLL")
     other.set_ylabel("validation NLL (probit)", color=TOP)
     lines = axis.get_legend_handles_labels()
     more = other.get_legend_handles_labels()
-    axis.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", fontsize=8)
+    axis.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize=8)
     axis.grid(alpha=0.3)
     return _png(figure)
 
