@@ -317,35 +317,11 @@ class LaplaceApproximation:
     def _validation_nll(self, val_data: Any, values: list, predictive: str, func: str) -> list:
         priors = [self._prior_vector(value) for value in values]
         offsets = [self._offsets(prior, 100, 0) for prior in priors] if predictive == "glm" else []
-        scale = self._likelihood.curvature_scale(self._sigma)
-        totals, count = np.zeros(len(values)), 0
-        for inputs, targets, size in self._function.batches(val_data, func):
-            start = 0
-            for output, jacobian in self._function.jacobians(inputs, size):
-                part = targets[start : start + len(output)]
-                start += len(output)
-                variance_of = self._structure.variance_of(jacobian.reshape(-1, self.num_params))
-                for index, prior in enumerate(priors):
-                    if predictive == "glm":
-                        samples = _predictive.glm_samples(output, [jacobian], offsets[index])
-                        prediction = _predictive.summarise_samples(samples, self._kind)
-                    else:
-                        variance = variance_of(scale, prior).reshape(output.shape)
-                        prediction = self._closed_form(output, variance)
-                    totals[index] += self._nll_sum(prediction, part)
-            count += size if self._kind == "classification" else targets.numel()
-        return list(totals / max(count, 1))
-
-    def _closed_form(self, mean: torch.Tensor, variance: torch.Tensor) -> Any:
-        if self._kind == "classification":
-            return _predictive.probit(mean, variance)
-        return mean, variance
-
-    def _nll_sum(self, prediction: Any, targets: torch.Tensor) -> float:
-        if self._kind == "classification":
-            return _predictive.negative_log_likelihood(prediction, targets) * len(targets)
-        mean, variance = prediction
-        return _predictive.gaussian_nll(mean, variance + self._sigma**2, targets) * mean.numel()
+        return _predictive.validation_nll(
+            self._function, self._structure, val_data, priors, offsets,
+            kind=self._kind, scale=self._likelihood.curvature_scale(self._sigma),
+            sigma=self._sigma, func=func,
+        )  # fmt: skip
 
     # -- predictions and samples -----------------------------------------------------------------
     def predict(self, x: Any, method: str = "probit", n_samples: int = 100, seed: int = 0) -> Any:
@@ -381,7 +357,7 @@ class LaplaceApproximation:
         precision = self.posterior_precision
         mean, variance, jacobians = _predictive.linearised(self._function, precision.solve, x, size)
         if method == "probit":
-            return self._shaped(self._closed_form(mean, variance), shape)
+            return self._shaped(_predictive.closed_form(self._kind, mean, variance), shape)
         offsets = self._offsets(precision.prior, n_samples, seed)
         samples = _predictive.glm_samples(mean, jacobians, offsets)
         return self._shaped(_predictive.summarise_samples(samples, self._kind), shape)

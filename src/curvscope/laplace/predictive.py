@@ -65,6 +65,54 @@ def summarise_samples(samples: torch.Tensor, kind: str) -> Any:
     return samples.mean(dim=0), samples.var(dim=0, unbiased=False)
 
 
+def closed_form(kind: str, mean: torch.Tensor, variance: torch.Tensor) -> Any:
+    """Probit probabilities (classification) or (mean, f-variance) (regression)."""
+    if kind == "classification":
+        return probit(mean, variance)
+    return mean, variance
+
+
+def nll_sum(kind: str, sigma: float, prediction: Any, targets: torch.Tensor) -> float:
+    """Summed NLL of a prediction: per example (classification) or output element."""
+    if kind == "classification":
+        return negative_log_likelihood(prediction, targets) * len(targets)
+    mean, variance = prediction
+    return gaussian_nll(mean, variance + sigma**2, targets) * mean.numel()
+
+
+def validation_nll(
+    function: ModelFunction,
+    structure: Any,
+    val_data: Any,
+    priors: list[torch.Tensor],
+    offsets: list[torch.Tensor],
+    *,
+    kind: str,
+    scale: float,
+    sigma: float,
+    func: str,
+) -> list[float]:
+    """Mean validation NLL for each (P,) prior vector: closed form, or "glm" with ``offsets``
+    (one (P, S) sample block per prior). The Jacobians of each chunk serve every prior."""
+    totals, count = np.zeros(len(priors)), 0
+    for inputs, targets, size in function.batches(val_data, func):
+        start = 0
+        for output, jacobian in function.jacobians(inputs, size):
+            part = targets[start : start + len(output)]
+            start += len(output)
+            variance_of = structure.variance_of(jacobian.reshape(-1, function.num_params))
+            for index, prior in enumerate(priors):
+                if offsets:
+                    samples = glm_samples(output, [jacobian], offsets[index])
+                    prediction = summarise_samples(samples, kind)
+                else:
+                    variance = variance_of(scale, prior).reshape(output.shape)
+                    prediction = closed_form(kind, output, variance)
+                totals[index] += nll_sum(kind, sigma, prediction, part)
+        count += size if kind == "classification" else targets.numel()
+    return list(totals / max(count, 1))
+
+
 # -- calibration --------------------------------------------------------------------------------
 def negative_log_likelihood(probs: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean ``-log p(y)`` of predicted class probabilities (N, C)."""
