@@ -11,6 +11,7 @@ from laplace_reference import (
     jacobian,
     joined,
     log_likelihood,
+    probit,
     regression_problem,
 )
 from models import MODEL_CASES, case_id, full_batch, reference_output, trainable_names
@@ -260,3 +261,74 @@ def test_kfac_equals_dense_counterpart_from_the_kfac_matrix(per_layer):
     error = (covariance - reference).norm() / reference.norm()
     expected_error = ((reference.trace() ** 2 + reference.norm() ** 2) / 4000).sqrt()
     assert error < 3 * expected_error / reference.norm()
+
+
+class _FakeKFAC(curvscope.LinearOperator):
+    """Stands in for KFACOperator (issue-10 API): the GGN's layer blocks, with exact extras."""
+
+    def __init__(self, model, loss_fn, data, *, params=None, fisher="ggn", seed=0, progress=False):
+        assert fisher == "ggn"
+        ggn = curvscope.GGNOperator(model, loss_fn, data, params=params)
+        self._param_shapes, self._dtype, self._device = ggn.param_shapes, ggn.dtype, ggn.device
+        dense, start = torch.zeros(ggn.shape), 0
+        full = ggn.to_dense()
+        sizes = {}
+        for name, shape in self._param_shapes.items():
+            sizes.setdefault(name.rpartition(".")[0], []).append(shape.numel())
+        for group in sizes.values():
+            stop = start + sum(group)
+            dense[start:stop, start:stop] = full[start:stop, start:stop]
+            start = stop
+        self.matrix, self._num_matvecs = dense, 0
+
+    def _matmat(self, matrix):
+        return self.matrix @ matrix
+
+    def logdet(self, damping=0.0):
+        return float(torch.logdet(self.matrix + damping * torch.eye(self.shape[0])))
+
+    def inverse(self, damping=0.0):
+        return curvscope.DenseOperator(
+            torch.linalg.inv(self.matrix + damping * torch.eye(len(self.matrix)))
+        )
+
+    def diagonal(self):
+        return self.unflatten(self.matrix.diagonal())
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_kfac_path_with_a_stand_in_operator(monkeypatch, per_layer):
+    monkeypatch.setattr(curvscope, "KFACOperator", _FakeKFAC, raising=False)
+    model, data = classification_problem(seed=10)
+    la = curvscope.LaplaceApproximation(model, nn.CrossEntropyLoss(), data)
+    assert la.structure == "kfac"
+    theta, ggn, loglik = _reference(model, data, "classification")
+    blocks = torch.zeros_like(ggn)
+    blocks[:20, :20], blocks[20:, 20:] = ggn[:20, :20], ggn[20:, 20:]
+    if per_layer:
+        value = {"0": 0.4, "2": 3.0}
+        prior = torch.cat([torch.full((20,), 0.4), torch.full((18,), 3.0)])
+    else:
+        value, prior = 0.7, torch.full_like(theta, 0.7)
+    precision = blocks + torch.diag(prior)
+    assert la.log_marginal_likelihood(value) == pytest.approx(
+        evidence(loglik, precision, prior, theta), abs=TOL
+    )
+    best = la.optimize_prior_precision(per_layer=per_layer)
+    top = la.log_marginal_likelihood(best)
+    scaled = {k: v * 1.02 for k, v in best.items()} if per_layer else best * 1.02
+    assert la.log_marginal_likelihood(scaled) <= top + 1e-9
+    la.prior_precision = value
+    reference = torch.linalg.inv(precision)
+    torch.testing.assert_close(
+        la.posterior_precision.inverse_diagonal(), reference.diagonal(), rtol=1e-8, atol=1e-10
+    )
+    x, _ = joined(data)
+    _, out, jac = jacobian(model, x[:4], la.param_names)
+
+    torch.testing.assert_close(
+        la.predict(x[:4]), probit(out, jac, precision), rtol=1e-8, atol=1e-10
+    )
+    samples = la.sample(3000, seed=1)
+    error = (torch.cov(samples.T) - reference).norm()
+    assert error < 2 * ((reference.trace() ** 2 + reference.norm() ** 2) / 3000).sqrt()
