@@ -10,6 +10,7 @@ predict. Problems: the digits MLP (64-32-10 tanh) and the small CNN of the other
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -137,7 +138,7 @@ def _laplace_torch_rows(problem: dict[str, Any], label: str, options: dict) -> l
             la.fit(train_loader, progress_bar=False)
             kwargs: dict[str, Any] = {"pred_type": "glm", "link_approx": "probit"}
             if tuning == "gridsearch":
-                kwargs.update(method="gridsearch", val_loader=val_loader)
+                kwargs.update(method="gridsearch", val_loader=val_loader, grid_size=33)
             else:
                 kwargs.update(method="marglik")
                 kwargs["prior_structure"] = "layerwise" if tuning != "marglik" else "scalar"
@@ -185,6 +186,7 @@ def _problem_table(problem: dict[str, Any], have_peer: bool, cfg: Config) -> Tab
     with torch.no_grad():
         trained = _metrics(torch.softmax(model(x[test]), dim=1), y[test])
     table.add("trained model (MAP)", "-", "-", "-", *trained.values(), "-")
+    print(f"   {problem['name']}: trained {trained}", file=sys.stderr, flush=True)
     structures = [
         s
         for s in CURVSCOPE_STRUCTURES
@@ -207,6 +209,7 @@ def _problem_table(problem: dict[str, Any], have_peer: bool, cfg: Config) -> Tab
             )  # fmt: skip
         for row in ours + peer:
             table.add(*row[:4], *row[4].values(), row[5])
+            print(f"   {problem['name']}: {row}", file=sys.stderr, flush=True)
         _verdicts(table, label, ours, peer, trained["nll"])
     if "kfac" not in structures:
         table.notes.append("curvscope kfac: needs curvscope.KFACOperator (issue 10), absent here.")

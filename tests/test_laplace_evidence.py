@@ -332,3 +332,39 @@ def test_kfac_path_with_a_stand_in_operator(monkeypatch, per_layer):
     samples = la.sample(3000, seed=1)
     error = (torch.cov(samples.T) - reference).norm()
     assert error < 2 * ((reference.trace() ** 2 + reference.norm() ** 2) / 3000).sqrt()
+
+
+class _LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(2, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("structure", ["diag", "lowrank"])
+def test_lstm_with_diag_and_lowrank(structure):
+    gen = torch.Generator().manual_seed(12)
+    model = _LSTMClassifier().double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+    x = torch.randn(8, 4, 2, generator=gen)
+    y = torch.randint(0, 2, (8,), generator=gen)
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]
+    size = sum(p.numel() for p in model.parameters())
+    la = curvscope.LaplaceApproximation(
+        model, nn.CrossEntropyLoss(), data, structure=structure, rank=size, prior_precision=0.8
+    )
+    theta, ggn, loglik = _reference(model, data, "classification")
+    curvature = torch.diag(ggn.diagonal()) if structure == "diag" else ggn
+    prior = torch.full_like(theta, 0.8)
+    expected = evidence(loglik, curvature + torch.diag(prior), prior, theta)
+    assert la.log_marginal_likelihood(0.8) == pytest.approx(expected, abs=1e-5)
+    probs = la.predict(x[:3])
+    _, out, jac = jacobian(model, x[:3], la.param_names)
+    expected_probs = probit(out, jac, curvature + torch.diag(prior))
+    torch.testing.assert_close(probs, expected_probs, rtol=1e-6, atol=1e-8)

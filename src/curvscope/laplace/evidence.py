@@ -65,13 +65,23 @@ def maximise(
 ) -> np.ndarray:
     """Maximise the evidence over log δ (one value per group); returns the optimal δ.
 
-    A coarse grid over a common δ finds the basin; L-BFGS-B with the analytic gradient then
-    refines every group's value within ``LOG10_RANGE``.
+    A coarse grid over a common δ finds the basin; Brent's method (one group) or L-BFGS-B with
+    the analytic gradient (several) then refines within ``LOG10_RANGE``.
     """
     low, high = (value * math.log(10) for value in LOG10_RANGE)
     grid = np.linspace(low, high, GRID_POINTS)
     values = [objective(expand(np.full(num_groups, math.exp(x)))) for x in grid]
-    start = np.full(num_groups, grid[int(np.nanargmax(values))])
+    best = int(np.nanargmax(values))
+    start = np.full(num_groups, grid[best])
+    if num_groups == 1:  # one δ: Brent's method between the grid neighbours of the best point
+        low_end, high_end = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        found = scipy.optimize.minimize_scalar(
+            lambda x: -objective(expand(np.full(1, math.exp(x)))),
+            bounds=(low_end, high_end),
+            method="bounded",
+            options={"xatol": 1e-9},
+        )
+        return np.exp(np.full(1, found.x if -found.fun >= values[best] else grid[best]))
 
     def negative(log_delta: np.ndarray) -> tuple[float, np.ndarray]:
         prior = expand(np.exp(log_delta))

@@ -85,6 +85,7 @@ class DenseStructure(Structure):
         self.matrix = symmetric.to(matrix.dtype)
         self.values, self.vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
         self._cache: tuple[Any, torch.Tensor] | None = None
+        self._squares: torch.Tensor | None = None
 
     def matmat(self, matrix: torch.Tensor) -> torch.Tensor:
         return self.matrix @ matrix
@@ -137,7 +138,9 @@ class DenseStructure(Structure):
 
     def inverse_diagonal(self, scale: float, prior: torch.Tensor) -> torch.Tensor:
         if _is_scalar(prior):
-            return (self.vectors**2 / self._spectrum(scale, prior)).sum(dim=1)
+            if self._squares is None:
+                self._squares = self.vectors**2
+            return self._squares @ (1.0 / self._spectrum(scale, prior))
         factor = self._cholesky(scale, prior)
         eye = torch.eye(self.num_params, dtype=factor.dtype, device=factor.device)
         inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
