@@ -99,6 +99,7 @@ class LaplaceApproximation:
         self._likelihood = measure(self._function, data, self._kind, spec, _FUNC)
         self._structure = build(
             structure, model, loss_fn, data, names, self._function.shapes,
+            function=self._function, likelihood=self._likelihood,
             rank=rank, seed=seed, progress=progress, func=_FUNC,
         )  # fmt: skip
         if self._structure.num_params != self.num_params:

@@ -1,10 +1,12 @@
 """Building the curvature structure of a Laplace approximation from the public operators.
 
-"full": the dense GGN (``GGNOperator.to_dense()``); "diag": the exact GGN diagonal
-(``GGNDiagonalOperator`` when this curvscope has it, else the exact diagonal of the GGN operator
-from P products); "lowrank": the top ``rank`` eigenpairs of the GGN (Lanczos); "kfac":
-``KFACOperator(fisher="ggn")`` with its exact log-determinant and inverse; any curvscope operator:
-used as the curvature (structured when it has ``logdet`` and ``inverse``, else made dense).
+"full": the dense GGN (from per-example Jacobians for models with (n, K) outputs, see
+:mod:`curvscope.laplace._jacobian_ggn`, else ``GGNOperator`` products with the unit vectors);
+"diag": the exact GGN diagonal (``GGNDiagonalOperator`` when this curvscope has it, else as
+"full" does but keeping only the diagonal); "lowrank": the top ``rank`` eigenpairs of the GGN
+(Lanczos); "kfac": ``KFACOperator(fisher="ggn")`` with its exact log-determinant and inverse;
+any curvscope operator: used as the curvature (structured when it has ``logdet`` and
+``inverse``, else made dense).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from torch import nn
 from .. import estimators as _estimators
 from .. import operators as _operators
 from .._checks import value_error
+from ._jacobian_ggn import applies, jacobian_ggn
+from ._model import ModelFunction
+from .likelihood import Likelihood
 from .posterior import DenseStructure, DiagonalStructure, LowRankStructure, StructuredStructure
 
 STRUCTURES = ("kfac", "full", "diag", "lowrank")
@@ -27,6 +32,8 @@ DEFAULT_RANK = 50
 #: Without GGNDiagonalOperator, the exact diagonal of a GGN with at most this many entries comes
 #: from one block of P products (to_dense), else from the exact diagonal estimator.
 DENSE_DIAGONAL_ENTRIES = 4096**2
+#: Columns per product block when an operator is made dense.
+BLOCK_COLUMNS = 64
 
 
 def public(name: str) -> Any:
@@ -72,6 +79,8 @@ def build(
     names: list[str],
     shapes: dict[str, torch.Size],
     *,
+    function: ModelFunction,
+    likelihood: Likelihood,
     rank: int | None,
     seed: int,
     progress: bool,
@@ -83,9 +92,14 @@ def build(
     if structure == "kfac":
         return _kfac(model, loss_fn, data, names, shapes, seed, progress, func)
     ggn = _operators.GGNOperator(model, loss_fn, data, params=names, progress=progress)
+    by_jacobians = structure in ("full", "diag") and applies(function, likelihood, data, func)
     if structure == "full":
-        return DenseStructure(ggn.to_dense(), psd=True)
+        if by_jacobians:
+            return DenseStructure(jacobian_ggn(function, likelihood, data, func, diagonal=False))
+        return DenseStructure(dense_in_blocks(ggn), psd=True)
     if structure == "diag":
+        if public("GGNDiagonalOperator") is None and by_jacobians:
+            return DiagonalStructure(jacobian_ggn(function, likelihood, data, func, diagonal=True))
         return DiagonalStructure(_exact_diagonal(model, loss_fn, data, names, ggn, progress))
     size = ggn.shape[0]
     k = min(DEFAULT_RANK if rank is None else rank, size)
@@ -99,10 +113,25 @@ def build(
     return LowRankStructure(found.vectors, values)
 
 
+def dense_in_blocks(operator: Any, block: int | None = None) -> torch.Tensor:
+    """``operator.to_dense()`` from products with blocks of ``block`` unit vectors (memory of a
+    vmapped product grows with the columns of the block)."""
+    size, block = operator.shape[0], block or BLOCK_COLUMNS
+    columns = []
+    for start in range(0, size, block):
+        stop = min(start + block, size)
+        eye = torch.zeros(size, stop - start, dtype=operator.dtype, device=operator.device)
+        eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        columns.append(operator.matmat(eye))
+    return torch.cat(columns, dim=1)
+
+
 def _from_operator(operator: Any) -> Any:
     if hasattr(operator, "logdet") and hasattr(operator, "inverse"):
         return StructuredStructure(operator)
-    return DenseStructure(operator.to_dense())
+    if isinstance(operator, _operators.DenseOperator):
+        return DenseStructure(operator.to_dense())
+    return DenseStructure(dense_in_blocks(operator))
 
 
 def _exact_diagonal(model, loss_fn, data, names, ggn, progress) -> torch.Tensor:
@@ -111,8 +140,8 @@ def _exact_diagonal(model, loss_fn, data, names, ggn, progress) -> torch.Tensor:
         op = diagonal_operator(model, loss_fn, data, params=names, kind="exact", progress=progress)
         by_name = op.diagonal()
         return torch.cat([by_name[name].reshape(-1) for name in names])
-    if ggn.shape[0] ** 2 <= DENSE_DIAGONAL_ENTRIES:  # one block of P products: fastest here
-        return ggn.to_dense().diagonal()
+    if ggn.shape[0] ** 2 <= DENSE_DIAGONAL_ENTRIES:
+        return dense_in_blocks(ggn).diagonal()
     return _estimators.diagonal(ggn, method="exact").value
 
 
