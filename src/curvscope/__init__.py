@@ -2,16 +2,18 @@
 
 Layers point one way: ``derivatives`` (functions of tensors) <- ``operators`` (curvature of a
 model over a dataset, and the data/distributed layer) <- ``estimators`` (eigenvalues, trace,
-diagonal, density, solve) <- applications (``influence``) <- ``report`` (analysis, plots,
+diagonal, density, solve) <- applications (``influence``, ``laplace``, ``prune``, ``optim``,
+tracking) <- ``report`` (analysis, plots,
 HTML) <- ``cli``.
 
 The public surface is what this module exports.
 """
 
-from . import derivatives, estimators, operators, report
+from . import derivatives, estimators, laplace, operators, report
 from .derivatives import *  # noqa: F403
 from .estimators import *  # noqa: F403
 from .influence import InfluenceFunction, InfluenceTop
+from .laplace import *  # noqa: F403
 from .operators import *  # noqa: F403
 from .report import *  # noqa: F403
 
@@ -21,6 +23,7 @@ __all__ = [
     *derivatives.__all__,
     *operators.__all__,
     *estimators.__all__,
+    *laplace.__all__,
     *report.__all__,
     "InfluenceFunction",
     "InfluenceTop",

@@ -71,6 +71,13 @@ def analyze(
     no_landscape: Annotated[
         bool, typer.Option("--no-landscape", help="Skip the loss landscape.")
     ] = False,
+    held_out_data: Annotated[
+        str | None,
+        typer.Option(help="Held-out data factory 'package.module:factory' (Uncertainty section)."),
+    ] = None,
+    no_uncertainty: Annotated[
+        bool, typer.Option("--no-uncertainty", help="Skip the Uncertainty (Laplace) section.")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of every random probe.")] = 0,
