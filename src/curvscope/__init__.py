@@ -2,7 +2,8 @@
 
 Layers point one way: ``derivatives`` (functions of tensors) <- ``operators`` (curvature of a
 model over a dataset, and the data/distributed layer) <- ``estimators`` (eigenvalues, trace,
-diagonal, density, solve) <- ``report`` (analysis, plots, HTML) <- ``cli``.
+diagonal, density, solve) <- ``prune`` (applications) <- ``report`` (analysis, plots, HTML)
+<- ``cli``.
 
 The public surface is what this module exports.
 """
@@ -11,6 +12,7 @@ from . import derivatives, estimators, operators, report
 from .derivatives import *  # noqa: F403
 from .estimators import *  # noqa: F403
 from .operators import *  # noqa: F403
+from .prune import PruneResult, Sparsity, prune
 from .report import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -19,5 +21,8 @@ __all__ = [
     *derivatives.__all__,
     *operators.__all__,
     *estimators.__all__,
+    "PruneResult",
+    "Sparsity",
+    "prune",
     *report.__all__,
 ]

@@ -1,0 +1,146 @@
+"""The curvature that OBD and OBS use, per pruned layer, from the public operators.
+
+"ggn", "fisher" (empirical) and "hessian" build the operator of the layer alone
+(``params=[name]``) and read dense blocks from products with identity columns; "kfac" builds one
+``curvscope.KFACOperator`` over all pruned layers (when the installed curvscope has it) and reads
+the same blocks from its cheap Kronecker products and its exact ``diagonal()``; "diagonal" is
+the GGN diagonal (``curvscope.GGNDiagonalOperator`` when available, else the exact diagonal of
+the GGN from products, or an XDiag estimate for layers larger than ``EXACT_DIAGONAL_LIMIT``).
+Every curvature is of the mean loss, as the operators define it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import operators
+from ..estimators import diagonal as estimate_diagonal
+from ._validate import FUNC, Layer
+
+#: Columns per product block when a dense block is read from an operator.
+CHUNK = 256
+#: Larger layers get a Monte Carlo (XDiag) GGN diagonal when no exact diagonal operator exists.
+EXACT_DIAGONAL_LIMIT = 20_000
+_PRODUCTS = {
+    "ggn": operators.GGNOperator,
+    "fisher": operators.FisherOperator,
+    "hessian": operators.HessianOperator,
+}
+
+
+def structured(name: str) -> Any:
+    """A structured operator class of the installed curvscope (issue 10), or None."""
+    import curvscope  # looked up at call time: the structured operators may be newer than this
+
+    return getattr(operators, name, None) or getattr(curvscope, name, None)
+
+
+def require_kfac() -> Any:
+    """``curvscope.KFACOperator``, or a clear error where this curvscope lacks it."""
+    kfac = structured("KFACOperator")
+    if kfac is None:
+        raise ValueError(
+            f"curvscope.{FUNC}(curvature=...): expected one of 'ggn', 'fisher', 'hessian', "
+            "'diagonal' in this installation, got 'kfac' (curvscope.KFACOperator is not "
+            "available). Pass curvature='ggn' or install a curvscope with KFACOperator."
+        )
+    return kfac
+
+
+class LayerCurvature:
+    """Dense blocks and the diagonal of the curvature of one pruned layer (indices are positions
+    in the layer's flattened weight)."""
+
+    def __init__(self, op: Any, offset: int, layer: Layer, diagonal: Callable | None = None):
+        self.op, self.offset, self.layer = op, offset, layer
+        self._diagonal = diagonal
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """C[:, start:stop] restricted to the layer: (numel, stop - start), in float64."""
+        size = self.op.shape[0]
+        pieces = []
+        for first in range(start, stop, CHUNK):
+            last = min(first + CHUNK, stop)
+            basis = torch.zeros(size, last - first, dtype=self.op.dtype, device=self.op.device)
+            rows = torch.arange(first, last, device=basis.device) + self.offset
+            basis[rows, torch.arange(last - first, device=basis.device)] = 1.0
+            product = self.op.matmat(basis)[self.offset : self.offset + self.layer.numel]
+            pieces.append(product.to(torch.float64))
+        return torch.cat(pieces, dim=1)
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """The dense diagonal block C[start:stop, start:stop] in float64."""
+        return self.columns(start, stop)[start:stop]
+
+    def diagonal(self, seed: int) -> torch.Tensor:
+        """diag(C) of the layer, flat (numel,), in float64."""
+        if self._diagonal is not None:
+            return self._diagonal().reshape(-1).to(torch.float64)
+        numel = self.layer.numel
+        if numel <= EXACT_DIAGONAL_LIMIT:  # e_iᵀ C e_i, in blocks of columns
+            pieces = []
+            for first in range(0, numel, CHUNK):
+                last = min(first + CHUNK, numel)
+                pieces.append(self.columns(first, last)[first:last].diagonal())
+            return torch.cat(pieces)
+        result = estimate_diagonal(self.op, method="xdiag", num_matvecs=200, seed=seed)
+        return result.value[self.offset : self.offset + numel].to(torch.float64)
+
+
+def layer_curvatures(
+    kind: str, model: nn.Module, loss_fn: Any, data: Any, layers: list[Layer], seed: int
+) -> dict[str, LayerCurvature]:
+    """One :class:`LayerCurvature` per pruned layer for ``kind`` (see the module docstring)."""
+    names = [layer.name for layer in layers]
+    if kind == "kfac":
+        op = require_kfac()(model, loss_fn, data, params=names, fisher="ggn")
+        offsets = _offsets(op.param_names, op.param_shapes)
+        diagonals: dict[str, torch.Tensor] = {}
+
+        def diagonal_of(name: str) -> Callable[[], torch.Tensor]:
+            def read() -> torch.Tensor:
+                if not diagonals:
+                    diagonals.update(op.diagonal())
+                return diagonals[name]
+
+            return read
+
+        return {
+            layer.name: LayerCurvature(op, offsets[layer.name], layer, diagonal_of(layer.name))
+            for layer in layers
+        }
+    out = {}
+    for layer in layers:
+        if kind == "diagonal":
+            op = operators.GGNOperator(model, loss_fn, data, params=[layer.name])
+            out[layer.name] = LayerCurvature(
+                op, 0, layer, _diagonal_operator(model, loss_fn, data, layer, seed)
+            )
+        else:
+            op = _PRODUCTS[kind](model, loss_fn, data, params=[layer.name])
+            out[layer.name] = LayerCurvature(op, 0, layer)
+    return out
+
+
+def _diagonal_operator(
+    model: nn.Module, loss_fn: Any, data: Any, layer: Layer, seed: int
+) -> Callable[[], torch.Tensor] | None:
+    exact = structured("GGNDiagonalOperator")
+    if exact is None:
+        return None
+    return lambda: exact(model, loss_fn, data, params=[layer.name], seed=seed).diagonal()[
+        layer.name
+    ]
+
+
+def _offsets(names: list[str], shapes: dict[str, torch.Size]) -> dict[str, int]:
+    out, start = {}, 0
+    for name in names:
+        out[name] = start
+        start += math.prod(shapes[name])
+    return out
