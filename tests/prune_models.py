@@ -47,7 +47,7 @@ def mlp(seed: int = 0, sizes=(8, 12, 4), num: int = 60):
 class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.conv1d = nn.Conv1d(4, 4, 2, stride=2, bias=False)
         self.head = nn.Linear(8, 3)
 
@@ -62,6 +62,6 @@ def cnn(seed: int = 0, num: int = 24):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TinyCNN().double().eval()
-    x = torch.randn(num, 2, 4, 4, generator=gen)
+    x = torch.randn(num, 4, 4, 4, generator=gen)
     y = torch.randint(0, 3, (num,), generator=gen)
     return model, nn.CrossEntropyLoss(), [(x, y)]
