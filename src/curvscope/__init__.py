@@ -12,7 +12,7 @@ from . import derivatives, estimators, operators, report
 from .derivatives import *  # noqa: F403
 from .estimators import *  # noqa: F403
 from .operators import *  # noqa: F403
-from .prune import PruneResult, Sparsity, prune
+from .prune import PruneResult, PruneSweep, Sparsity, SweepPoint, prune, prune_sweep
 from .report import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -22,7 +22,10 @@ __all__ = [
     *operators.__all__,
     *estimators.__all__,
     "PruneResult",
+    "PruneSweep",
     "Sparsity",
+    "SweepPoint",
     "prune",
+    "prune_sweep",
     *report.__all__,
 ]

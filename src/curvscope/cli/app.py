@@ -72,6 +72,15 @@ def analyze(
         _fail(f"the analysis failed ({type(error).__name__}: {detail}); no report written.", 1)
 
 
+def _register_prune() -> None:
+    from .prune_app import MultiValueCommand, prune
+
+    app.command(name="prune", cls=MultiValueCommand)(prune)
+
+
+_register_prune()
+
+
 def _fail(text: str, code: int) -> None:
     print(f"curvscope: error: {text}", file=sys.stderr)
     raise typer.Exit(code)

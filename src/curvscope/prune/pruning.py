@@ -136,9 +136,15 @@ def prune(
     """
     start = time.perf_counter()
     options = {
-        "sparsity": sparsity, "method": method, "scope": scope, "curvature": curvature,
-        "damping": damping, "structure": structure, "seed": seed, "progress": progress,
-    }  # fmt: skip
+        "sparsity": sparsity,
+        "method": method,
+        "scope": scope,
+        "curvature": curvature,
+        "damping": damping,
+        "structure": structure,
+        "seed": seed,
+        "progress": progress,
+    }
     sparsity, shape = check_arguments(model, loss_fn, data, options)
     layers = select_layers(model, params, shape, method)
     if method in ("obd", "obs") and curvature == "kfac":
@@ -150,8 +156,20 @@ def prune(
     }
     loss_before = _loss(model, loss_fn, data, layers)
     with Bar(progress, f"prune ({method})", sum(_removals(layers, sparsity, shape))) as bar:
-        job = _Job(model, loss_fn, data, layers, weights, sparsity, scope, shape, curvature,
-                   damping, seed, bar.advance)  # fmt: skip
+        job = _Job(
+            model,
+            loss_fn,
+            data,
+            layers,
+            weights,
+            sparsity,
+            scope,
+            shape,
+            curvature,
+            damping,
+            seed,
+            bar.advance,
+        )
         new, masks, saliency = _METHODS[method](job)
     pruned = _write(model, layers, new, masks)
     zeros = {name: int((~mask).sum()) for name, mask in masks.items()}
@@ -227,15 +245,20 @@ def _obs(job: _Job) -> Outcome:
     if job.structure.kind == "channel":
         return _obs_channels(job, engines, saliency)
     counts = job.removals()
-    run_greedy(engines, sum(counts) if job.scope == "global" and not job.structure.kind
-               else counts, job.tick)  # fmt: skip
+    run_greedy(
+        engines,
+        sum(counts) if job.scope == "global" and not job.structure.kind else counts,
+        job.tick,
+    )
     new, masks = {}, {}
     for layer, engine in zip(job.layers, engines, strict=True):
         new[layer.name] = engine.w.reshape(-1)[: layer.numel].reshape(layer.rows, layer.cols)
         masks[layer.name] = ~engine.removed.reshape(-1)[: layer.numel].reshape(layer.rows, -1)
         if engine.broken:
-            job.notes.append(f"{engine.broken} weights of {layer.name} removed without update "
-                             "(the inverse broke down)")  # fmt: skip
+            job.notes.append(
+                f"{engine.broken} weights of {layer.name} removed without update "
+                "(the inverse broke down)"
+            )
     return new, masks, saliency
 
 
@@ -267,8 +290,10 @@ def _engine(job: _Job, layer: Layer, curvature: LayerCurvature) -> GreedyOBS:
 
 def _note_damping(job: _Job, layer: Layer, lam: float, used: float, raised: bool) -> None:
     if raised:
-        job.notes.append(f"damping of {layer.name} raised from {lam:.3g} to {used:.3g} "
-                         "(curvature block not positive definite)")  # fmt: skip
+        job.notes.append(
+            f"damping of {layer.name} raised from {lam:.3g} to {used:.3g} "
+            "(curvature block not positive definite)"
+        )
 
 
 def _obs_channels(job: _Job, engines: list[GreedyOBS], saliency: dict) -> Outcome:
