@@ -125,12 +125,13 @@ def _sweep(model, loss_fn, data, test, sparsities, methods, options, show) -> An
         params=params,
         seed=options["seed"],
     )
-    if not show:
-        return _call_sweep(model, loss_fn, data, kwargs)
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(console=Console(file=sys.stderr), transient=True) as bar:
+    console = Console(file=sys.stderr)
+    if not show or not console.is_terminal:
+        return _call_sweep(model, loss_fn, data, kwargs)
+    with Progress(console=console, transient=True) as bar:
         task = bar.add_task("pruning", total=len(sparsities) * len(methods))
         started = [False]
 

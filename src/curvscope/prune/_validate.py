@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_float, check_int, describe, type_error, value_error
+from .._checks import check_choice, check_float, check_int, type_error, value_error
 from ..operators.data import check_data
 
 FUNC = "prune"
@@ -182,8 +182,8 @@ def _check_layers(
                 "weights of Linear or Conv1d/Conv2d layers (groups=1, zero padding) for "
                 "method='layer_obs'",
                 layer.name,
-                f"{layer.name!r} belongs to {describe(layer.module)}; use method='obs' for it "
-                "or leave it out with params=[...].",
+                f"{layer.name!r} is not such a weight; use method='obs' for it or leave it "
+                "out with params=[...].",
             )
 
 

@@ -23,7 +23,7 @@ from ..estimators import diagonal as estimate_diagonal
 from ._validate import FUNC, Layer
 
 #: Columns per product block when a dense block is read from an operator.
-CHUNK = 256
+CHUNK = 32
 #: Larger layers get a Monte Carlo (XDiag) GGN diagonal when no exact diagonal operator exists.
 EXACT_DIAGONAL_LIMIT = 20_000
 _PRODUCTS = {
