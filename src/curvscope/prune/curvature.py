@@ -11,8 +11,10 @@ Every curvature is of the mean loss, as the operators define it.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -31,6 +33,31 @@ _PRODUCTS = {
     "fisher": operators.FisherOperator,
     "hessian": operators.HessianOperator,
 }
+
+
+#: While :func:`reuse_curvature` is active: computed blocks, diagonals and input Hessians.
+_CACHE: ContextVar[dict | None] = ContextVar("curvscope_prune_cache", default=None)
+
+
+@contextlib.contextmanager
+def reuse_curvature() -> Iterator[None]:
+    """Within this context, prunings of the same model on the same data reuse the curvature
+    blocks, diagonals and layer input Hessians already computed (``prune_sweep`` uses it)."""
+    token = _CACHE.set({})
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
+
+
+def cached(key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, or its value from an earlier call with the same key in this context."""
+    cache = _CACHE.get()
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def structured(name: str) -> Any:
@@ -56,8 +83,10 @@ class LayerCurvature:
     """Dense blocks and the diagonal of the curvature of one pruned layer (indices are positions
     in the layer's flattened weight)."""
 
-    def __init__(self, op: Any, offset: int, layer: Layer, diagonal: Callable | None = None):
-        self.op, self.offset, self.layer = op, offset, layer
+    def __init__(
+        self, op: Any, offset: int, layer: Layer, key: tuple, diagonal: Callable | None = None
+    ) -> None:
+        self.op, self.offset, self.layer, self.key = op, offset, layer, key
         self._diagonal = diagonal
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
@@ -75,10 +104,18 @@ class LayerCurvature:
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """The dense diagonal block C[start:stop, start:stop] in float64."""
-        return self.columns(start, stop)[start:stop]
+        key = (*self.key, "block", start, stop)
+        return cached(key, lambda: self.columns(start, stop)[start:stop])
 
     def diagonal(self, seed: int) -> torch.Tensor:
         """diag(C) of the layer, flat (numel,), in float64."""
+        cache = _CACHE.get() or {}
+        dense = cache.get((*self.key, "block", 0, self.layer.numel))
+        if dense is not None:
+            return dense.diagonal().clone()
+        return cached((*self.key, "diagonal", seed), lambda: self._compute_diagonal(seed))
+
+    def _compute_diagonal(self, seed: int) -> torch.Tensor:
         if self._diagonal is not None:
             return self._diagonal().reshape(-1).to(torch.float64)
         numel = self.layer.numel
@@ -97,6 +134,7 @@ def layer_curvatures(
 ) -> dict[str, LayerCurvature]:
     """One :class:`LayerCurvature` per pruned layer for ``kind`` (see the module docstring)."""
     names = [layer.name for layer in layers]
+    base = (id(model), id(data), kind)
     if kind == "kfac":
         op = require_kfac()(model, loss_fn, data, params=names, fisher="ggn")
         offsets = _offsets(op.param_names, op.param_shapes)
@@ -111,19 +149,20 @@ def layer_curvatures(
             return read
 
         return {
-            layer.name: LayerCurvature(op, offsets[layer.name], layer, diagonal_of(layer.name))
+            layer.name: LayerCurvature(
+                op, offsets[layer.name], layer, (*base, layer.name), diagonal_of(layer.name)
+            )
             for layer in layers
         }
     out = {}
     for layer in layers:
         if kind == "diagonal":
             op = operators.GGNOperator(model, loss_fn, data, params=[layer.name])
-            out[layer.name] = LayerCurvature(
-                op, 0, layer, _diagonal_operator(model, loss_fn, data, layer, seed)
-            )
+            exact = _diagonal_operator(model, loss_fn, data, layer, seed)
+            out[layer.name] = LayerCurvature(op, 0, layer, (*base, layer.name), exact)
         else:
             op = _PRODUCTS[kind](model, loss_fn, data, params=[layer.name])
-            out[layer.name] = LayerCurvature(op, 0, layer)
+            out[layer.name] = LayerCurvature(op, 0, layer, (*base, layer.name))
     return out
 
 

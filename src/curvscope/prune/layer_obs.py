@@ -21,6 +21,7 @@ from torch import nn
 
 from ..operators.data import iterate_batches, model_arguments
 from ._validate import FUNC, Layer, Structure
+from .curvature import cached
 from .obs import GreedyOBS, damped_inverse, relative_damping
 
 #: The exact greedy per-row OBS runs where rows · cols² and the weight count are at most these.
@@ -32,6 +33,11 @@ SWEEP_BLOCK = 128
 
 def input_hessians(model: nn.Module, data: Any, layers: list[Layer]) -> dict[str, torch.Tensor]:
     """H = X Xᵀ (cols, cols) in float64 per layer, summed over every example and position."""
+    key = (id(model), id(data), "inputs", tuple(layer.name for layer in layers))
+    return cached(key, lambda: _capture(model, data, layers))
+
+
+def _capture(model: nn.Module, data: Any, layers: list[Layer]) -> dict[str, torch.Tensor]:
     replica = copy.deepcopy(model).eval()
     modules = dict(replica.named_modules())
     device = next(replica.parameters()).device

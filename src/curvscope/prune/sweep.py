@@ -15,6 +15,7 @@ from .._checks import type_error, value_error
 from ..estimators._results import Result
 from ..operators.data import check_data, iterate_batches, model_arguments
 from ._validate import FUNC, METHODS
+from .curvature import reuse_curvature
 from .pruning import prune
 
 
@@ -52,6 +53,12 @@ class PruneSweep(Result):
     structure: str | None
     damping: float
     seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, the points as dicts."""
+        out = super().to_dict()
+        out["points"] = [point.to_dict() for point in self.points]
+        return out
 
     def point(self, method: str, sparsity: float) -> SweepPoint:
         """The point of ``method`` at the target ``sparsity``."""
@@ -114,7 +121,9 @@ def prune_sweep(
         progress: called with a short description before each pruning (e.g. to advance a bar).
 
     Returns:
-        PruneSweep with the dense numbers and one SweepPoint per method and sparsity.
+        PruneSweep with the dense numbers and one SweepPoint per method and sparsity. The
+        curvature blocks and layer inputs are computed once and reused across sparsities (and
+        between obd and obs), so a point's ``seconds`` counts them only where first computed.
     """
     func = "prune_sweep"
     if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence):
@@ -128,25 +137,42 @@ def prune_sweep(
     check_data(test_data, func)
     dense_loss, _ = evaluate(model, loss_fn, data)
     dense_test_loss, dense_accuracy = evaluate(model, loss_fn, test_data)
+    options = {
+        "scope": scope,
+        "curvature": curvature,
+        "damping": damping,
+        "structure": structure,
+        "params": params,
+        "seed": seed,
+    }
+    with reuse_curvature():
+        points, layers, num_pruned = _points(
+            model, loss_fn, data, test_data, sparsities, methods, options, progress
+        )
+    return PruneSweep(
+        type(model).__name__,
+        num_pruned,
+        layers,
+        dense_loss,
+        dense_test_loss,
+        dense_accuracy,
+        tuple(points),
+        curvature,
+        scope,
+        structure,
+        float(damping),
+        seed,
+    )
+
+
+def _points(model, loss_fn, data, test_data, sparsities, methods, options, progress) -> tuple:
     points, layers, num_pruned = [], (), 0
     for method in methods:
         for sparsity in sparsities:
             if progress is not None:
                 progress(f"{method} at {float(sparsity):.2f}")
             start = time.perf_counter()
-            result = prune(
-                model,
-                loss_fn,
-                data,
-                sparsity=sparsity,
-                method=method,
-                scope=scope,
-                curvature=curvature,
-                damping=damping,
-                structure=structure,
-                params=params,
-                seed=seed,
-            )
+            result = prune(model, loss_fn, data, sparsity=sparsity, method=method, **options)
             seconds = time.perf_counter() - start
             test_loss, accuracy = evaluate(result.model, loss_fn, test_data)
             layers = tuple(result.masks)
@@ -164,17 +190,4 @@ def prune_sweep(
                     result.status,
                 )
             )
-    return PruneSweep(
-        type(model).__name__,
-        num_pruned,
-        layers,
-        dense_loss,
-        dense_test_loss,
-        dense_accuracy,
-        tuple(points),
-        curvature,
-        scope,
-        structure,
-        float(damping),
-        seed,
-    )
+    return points, layers, num_pruned
