@@ -23,12 +23,14 @@ from .harness import MALLOC_ENV, MEMORY, Config, Table
 
 def _cases():
     from . import cases_analyze, cases_derivatives, cases_estimators, cases_operators
+    from .cases_prune import CASES as PRUNE
 
     return [
         *cases_derivatives.CASES,
         *cases_operators.CASES,
         *cases_estimators.CASES,
         *cases_analyze.CASES,
+        *PRUNE,
     ]
 
 
