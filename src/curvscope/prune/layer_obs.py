@@ -32,7 +32,8 @@ SWEEP_BLOCK = 128
 
 
 def input_hessians(model: nn.Module, data: Any, layers: list[Layer]) -> dict[str, torch.Tensor]:
-    """H = X Xᵀ (cols, cols) in float64 per layer, summed over every example and position."""
+    """H = X Xᵀ (cols, cols) per layer, summed over every example and position: each batch's
+    product in the model's dtype, the sum over batches in float64."""
     key = (id(model), id(data), "inputs", tuple(layer.name for layer in layers))
     return cached(key, lambda: _capture(model, data, layers))
 
@@ -50,8 +51,8 @@ def _capture(model: nn.Module, data: Any, layers: list[Layer]) -> dict[str, torc
         )
 
         def hook(module: nn.Module, inputs: tuple, output: Any, name: str = layer.name) -> None:
-            patches = _patches(module, inputs[0]).to(torch.float64)
-            hessians[name] += patches.T @ patches
+            patches = _patches(module, inputs[0])  # X Xᵀ of a batch in the model's dtype
+            hessians[name] += (patches.T @ patches).to(torch.float64)
 
         handles.append(module.register_forward_hook(hook))
     try:
