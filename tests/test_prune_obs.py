@@ -179,3 +179,27 @@ def test_kfac_without_the_operator_is_a_clear_error():
     model, loss_fn, data = _single_datum_deep_linear()
     with pytest.raises(ValueError, match=r"curvscope.prune\(curvature=...\).*KFACOperator"):
         curvscope.prune(model, loss_fn, data, sparsity=0.5, curvature="kfac")
+
+
+def test_engine_falls_back_to_magnitude_where_the_inverse_breaks_down():
+    from curvscope.prune.obs import GreedyOBS, run_greedy
+
+    engine = GreedyOBS(
+        torch.tensor([[3.0, -1.0, 2.0]]), torch.diag(torch.tensor([1.0, 0, 1]))[None]
+    )
+    order = []
+    run_greedy([engine], [3], lambda count: order.append(engine.removed.clone()))
+    assert [torch.nonzero(~r[0] ^ True).reshape(-1).tolist() for r in order] == [
+        [2],
+        [0, 2],
+        [0, 1, 2],
+    ]
+    assert engine.broken == 1 and (engine.w == 0).all()
+
+
+def test_damping_is_raised_until_the_block_is_positive_definite():
+    from curvscope.prune.obs import damped_inverse
+
+    inverse, used, raised = damped_inverse(torch.diag(torch.tensor([1.0, -1.0])), 0.0)
+    assert raised and 1.0 < used <= 10.0
+    torch.testing.assert_close(inverse, torch.diag(1 / (torch.tensor([1.0, -1.0]) + used)))

@@ -181,7 +181,10 @@ def run_greedy(
     while left > 0 and engines:
         engine = min(engines, key=lambda e: e.best()[0])
         if math.isinf(engine.best()[0]):  # every candidate broke down: fall back to magnitude
-            engine = min(engines, key=lambda e: float(e.w[~(e.removed | e.blocked)].abs().min()))
+            free = [e for e in engines if bool((~(e.removed | e.blocked)).any())]
+            if not free:
+                break
+            engine = min(free, key=lambda e: float(e.w[~(e.removed | e.blocked)].abs().min()))
         done = engine.remove(1 if len(engines) > 1 else left)
         if done == 0:
             break
