@@ -87,12 +87,12 @@ def select_rows(
     flat = torch.cat([row_scores[layer.name] for layer in layers])
     widths = torch.cat(
         [torch.full((layer.rows,), layer.cols, dtype=torch.long) for layer in layers]
-    )
+    ).to(flat.device)
     target = count(sparsity, sum(layer.numel for layer in layers))
     order = torch.argsort(flat, stable=True)
-    zeros = torch.cumsum(widths[order], dim=0)
+    zeros = torch.cumsum(widths[order], dim=0).cpu()
     taken = int(torch.searchsorted(zeros, torch.tensor(target), side="left")) + 1 if target else 0
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[order[: min(taken, flat.numel())]] = False
     return dict(zip(row_scores, keep.split([layer.rows for layer in layers]), strict=True))
 

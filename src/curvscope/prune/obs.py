@@ -75,7 +75,8 @@ class GreedyOBS:
         self.blocked = torch.zeros_like(self.removed) if blocked is None else blocked.clone()
         self.n_of_m = n_of_m
         if n_of_m is not None:
-            self.counts = torch.zeros(self.w.shape[0], self.w.shape[1] // n_of_m[1], dtype=int)
+            blocks = self.w.shape[1] // n_of_m[1]
+            self.counts = torch.zeros(self.w.shape[0], blocks, dtype=int, device=self.w.device)
         self.broken = 0
         groups, size = self.w.shape
         self.block = 1 if groups * size * size <= _SINGLE_STEP_ENTRIES else _BLOCK

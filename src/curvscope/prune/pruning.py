@@ -178,7 +178,7 @@ def prune(
         sum(zeros.values()) / total, {l.name: zeros[l.name] / l.numel for l in layers}
     )
     return PruneResult(
-        masks={l.name: masks[l.name].reshape(l.shape) for l in layers},
+        masks={l.name: masks[l.name].reshape(l.shape).to(named[l.name].device) for l in layers},
         model=pruned,
         sparsity=achieved,
         saliency={
@@ -274,13 +274,14 @@ def _engine(job: _Job, layer: Layer, curvature: LayerCurvature) -> GreedyOBS:
         return GreedyOBS(weight[None], inverse[None], n_of_m=n_of_m)
     size = BLOCK_SIZE if n_of_m is None else math.ceil(BLOCK_SIZE / n_of_m[1]) * n_of_m[1]
     groups = math.ceil(layer.numel / size)
-    blocks = torch.eye(size, dtype=torch.float64).repeat(groups, 1, 1)
+    device = weight.device
+    blocks = torch.eye(size, dtype=torch.float64, device=device).repeat(groups, 1, 1)
     for group in range(groups):
         start, stop = group * size, min((group + 1) * size, layer.numel)
         blocks[group, : stop - start, : stop - start] = curvature.block(start, stop)
-    padded = torch.zeros(groups * size, dtype=torch.float64)
+    padded = torch.zeros(groups * size, dtype=torch.float64, device=device)
     padded[: layer.numel] = weight
-    blocked = torch.arange(groups * size) >= layer.numel
+    blocked = torch.arange(groups * size, device=device) >= layer.numel
     diagonal = blocks.diagonal(dim1=1, dim2=2).reshape(-1)[: layer.numel]
     lam = job.damping * abs(float(diagonal.mean()))
     inverse, used, raised = damped_inverse(blocks, lam)
@@ -379,8 +380,9 @@ def _write(
     with torch.no_grad():
         for layer in layers:
             parameter = pruned.get_parameter(layer.name)
-            value = new[layer.name].reshape(layer.shape).to(parameter.dtype)
-            parameter.copy_(value.masked_fill(~masks[layer.name].reshape(layer.shape), 0.0))
+            value = new[layer.name].reshape(layer.shape).to(parameter.device, parameter.dtype)
+            keep = masks[layer.name].reshape(layer.shape).to(parameter.device)
+            parameter.copy_(value.masked_fill(~keep, 0.0))
     return pruned
 
 
