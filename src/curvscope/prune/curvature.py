@@ -26,6 +26,8 @@ from ._validate import FUNC, Layer
 
 #: Columns per product block when a dense block is read from an operator.
 CHUNK = 32
+#: Layers up to this size compute their dense block for the diagonal (OBS uses it later).
+DENSE_LIMIT = 4096
 #: Larger layers get a Monte Carlo (XDiag) GGN diagonal when no exact diagonal operator exists.
 EXACT_DIAGONAL_LIMIT = 20_000
 _PRODUCTS = {
@@ -42,8 +44,10 @@ _CACHE: ContextVar[dict | None] = ContextVar("curvscope_prune_cache", default=No
 @contextlib.contextmanager
 def reuse_curvature() -> Iterator[None]:
     """Within this context, prunings of the same model on the same data reuse the curvature
-    blocks, diagonals and layer input Hessians already computed (``prune_sweep`` uses it)."""
-    token = _CACHE.set({})
+    blocks, diagonals and layer input Hessians already computed (``prune_sweep`` uses it).
+    Nested contexts share the outermost cache."""
+    outer = _CACHE.get()
+    token = _CACHE.set({} if outer is None else outer)
     try:
         yield
     finally:
@@ -119,6 +123,8 @@ class LayerCurvature:
         if self._diagonal is not None:
             return self._diagonal().reshape(-1).to(torch.float64)
         numel = self.layer.numel
+        if numel <= DENSE_LIMIT:  # the same products as the dense block: keep it for OBS
+            return self.block(0, numel).diagonal().clone()
         if numel <= EXACT_DIAGONAL_LIMIT:  # e_iᵀ C e_i, in blocks of columns
             pieces = []
             for first in range(0, numel, CHUNK):
