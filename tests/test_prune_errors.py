@@ -57,3 +57,12 @@ def test_bad_model_loss_and_data(problem):
         curvscope.prune(model, loss_fn, iter(data), sparsity=0.5)
     with pytest.raises(ValueError, match=r"prune\(model=...\): expected a model with Linear"):
         curvscope.prune(torch.nn.Tanh(), loss_fn, data, sparsity=0.5)
+
+
+def test_docstring_example_holds():
+    import doctest
+    import importlib
+
+    module = importlib.import_module("curvscope.prune.pruning")
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
