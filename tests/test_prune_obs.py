@@ -203,3 +203,33 @@ def test_damping_is_raised_until_the_block_is_positive_definite():
     inverse, used, raised = damped_inverse(torch.diag(torch.tensor([1.0, -1.0])), 0.0)
     assert raised and 1.0 < used <= 10.0
     torch.testing.assert_close(inverse, torch.diag(1 / (torch.tensor([1.0, -1.0]) + used)))
+
+
+@pytest.mark.parametrize("block", [1, 8])
+def test_engine_with_a_shrinking_inverse_equals_plain_downdates(monkeypatch, block):
+    """A single large group drops removed rows/columns from its inverse as it goes; the
+    result equals greedy OBS with full-size downdates (blocks of ``block`` removals)."""
+    from curvscope.prune import obs
+
+    monkeypatch.setattr(obs, "_SINGLE_STEP_ENTRIES", 0 if block > 1 else 2**30)
+    monkeypatch.setattr(obs, "_BLOCK", block)
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(300, 400, generator=gen)
+    inverse = torch.linalg.inv(a @ a.T / 400)
+    w = torch.randn(300, generator=gen)
+    engine = obs.GreedyOBS(w[None], inverse[None])
+    obs.run_greedy([engine], [240], lambda count: None)
+    assert len(engine.active) < 300  # the inverse did shrink
+    expected, hinv, kept = w.clone(), inverse.clone(), torch.ones(300, dtype=torch.bool)
+    for _ in range(240 // block):
+        saliency = torch.where(
+            kept, expected**2 / (2 * hinv.diagonal().clamp_min(1e-300)), torch.inf
+        )
+        chosen = saliency.argsort()[:block]
+        columns = hinv[:, chosen]
+        expected -= columns @ torch.linalg.solve(columns[chosen], expected[chosen])
+        hinv -= columns @ torch.linalg.solve(columns[chosen], columns.T)
+        expected[chosen], kept[chosen] = 0.0, False
+        hinv[chosen, :], hinv[:, chosen] = 0.0, 0.0
+    assert torch.equal(~engine.removed[0], kept)
+    torch.testing.assert_close(engine.w[0], expected, atol=1e-9, rtol=0)

@@ -71,26 +71,43 @@ class GreedyOBS:
     ) -> None:
         self.w = weights.clone()
         self.hinv = inverse.clone()
+        groups, size = self.w.shape
+        # one group: the inverse is shrunk to the weights still present now and then, so later
+        # downdates cost less (``active``: the positions its rows and columns stand for)
+        self.active = torch.arange(size, device=self.w.device)
         self.removed = torch.zeros_like(self.w, dtype=torch.bool)
         self.blocked = torch.zeros_like(self.removed) if blocked is None else blocked.clone()
         self.n_of_m = n_of_m
         if n_of_m is not None:
-            blocks = self.w.shape[1] // n_of_m[1]
-            self.counts = torch.zeros(self.w.shape[0], blocks, dtype=int, device=self.w.device)
+            blocks = size // n_of_m[1]
+            self.counts = torch.zeros(groups, blocks, dtype=int, device=self.w.device)
         self.broken = 0
-        groups, size = self.w.shape
         self.block = 1 if groups * size * size <= _SINGLE_STEP_ENTRIES else _BLOCK
         self.saliency = torch.empty_like(self.w)
         for group in range(groups):
             self._refresh(group)
         self.initial_saliency = self.saliency.clone()
 
+    def _diagonal(self, group: int) -> torch.Tensor:
+        diag = torch.zeros_like(self.w[group])
+        diag[self.active] = self.hinv[group].diagonal()
+        return diag
+
     def _refresh(self, group: int) -> None:
-        diag = self.hinv[group].diagonal()
+        diag = self._diagonal(group)
         value = self.w[group] ** 2 / (2 * diag.clamp_min(1e-300))
         value[(diag <= 0) | self.removed[group] | self.blocked[group]] = math.inf
         self.saliency[group] = value
         self._best: tuple[float, int] | None = None
+
+    def _compact(self) -> None:
+        """Drop the rows and columns of removed weights from a single group's inverse."""
+        present = ~self.removed[0, self.active]
+        if self.w.shape[0] != 1 or len(self.active) < 256 or present.sum() > 0.8 * len(present):
+            return
+        keep = torch.nonzero(present).reshape(-1)
+        self.hinv = self.hinv[:, keep][:, :, keep].contiguous()
+        self.active = self.active[keep]
 
     def best(self) -> tuple[float, int]:
         """(lowest saliency, its group) among the weights still removable."""
@@ -124,23 +141,31 @@ class GreedyOBS:
             chosen.append(index)
         return chosen
 
+    def _local(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows of the (possibly shrunk) inverse for weight positions ``index``."""
+        if len(self.active) == self.w.shape[1]:
+            return index
+        return torch.searchsorted(self.active, index)
+
     def _remove_set(self, group: int, chosen: list[int]) -> None:
         index = torch.tensor(chosen, device=self.w.device)
+        local = self._local(index)
         hinv, w = self.hinv[group], self.w[group]
-        columns = hinv[:, index]
-        inner = columns[index]
+        columns = hinv[:, local]
+        inner = columns[local]
         try:
             shift = torch.linalg.solve(inner, w[index])
-            w -= columns @ shift
-            hinv -= columns @ torch.linalg.solve(inner, columns.T)
+            w[self.active] -= columns @ shift
+            hinv.addmm_(columns, torch.linalg.solve(inner, columns.T), alpha=-1.0)
         except RuntimeError:  # a singular block: drop the weights without an update
             self.broken += len(chosen)
         self._mark(group, index)
 
     def _mark(self, group: int, index: torch.Tensor) -> None:
+        local = self._local(index)
         self.w[group, index] = 0.0
-        self.hinv[group, index, :] = 0.0
-        self.hinv[group, :, index] = 0.0
+        self.hinv[group, local, :] = 0.0
+        self.hinv[group, :, local] = 0.0
         self.removed[group, index] = True
         if self.n_of_m is not None:
             n, m = self.n_of_m
@@ -148,6 +173,7 @@ class GreedyOBS:
                 self.counts[group, block] += 1
             full = (self.counts[group] >= n).repeat_interleave(m)
             self.blocked[group] |= full & ~self.removed[group]
+        self._compact()
         self._refresh(group)
 
     def _remove_by_magnitude(self, budget: int) -> int:
