@@ -127,7 +127,7 @@ def test_global_obs_meets_the_overall_sparsity_and_loses_less_than_magnitude():
 def test_block_diagonal_obs_for_large_layers(monkeypatch):
     """Layers above MAX_DENSE use blocks of BLOCK_SIZE weights: with the blocks as large as the
     layer, the result equals dense OBS; with small blocks, the sparsity still holds."""
-    from curvscope.prune import pruning
+    from curvscope.prune import methods as pruning
 
     model, loss_fn, data = mlp(seed=3)
     dense = curvscope.prune(model, loss_fn, data, sparsity=0.5, method="obs")
