@@ -168,6 +168,15 @@ def influence(
         _fail(f"the influence computation failed ({name}: {detail}); no report written.", 1)
 
 
+def _register_prune() -> None:
+    from .prune_app import MultiValueCommand, prune
+
+    app.command(name="prune", cls=MultiValueCommand)(prune)
+
+
+_register_prune()
+
+
 def _fail(text: str, code: int) -> None:
     print(f"curvscope: error: {text}", file=sys.stderr)
     raise typer.Exit(code)
