@@ -1,0 +1,146 @@
+"""The per-batch work of KFAC, EKFAC and the GGN diagonal: one forward pass with the layers'
+inputs recorded, then one backward pass per output-space column to the layers' outputs.
+
+Everything here is a function of a model output function, a batch and the loss; the operators
+only sum what these functions return over the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .._checks import describe
+from ._kfac_capture import (
+    Layer,
+    capture,
+    check_records,
+    layer_grads,
+    layer_inputs,
+    norm_example_grads,
+    output_gradients,
+)
+
+#: Per-example gradients are formed in chunks of at most this many entries.
+CHUNK_ENTRIES = 2**24
+
+
+def check_output(output: object, func: str) -> None:
+    if not isinstance(output, torch.Tensor) or output.ndim == 0:
+        raise TypeError(
+            f"curvscope.{func}(model=...): expected a model that returns one Tensor with a "
+            f"batch dimension, got {describe(output)}. Wrap the model so that it returns the "
+            "tensor loss_fn takes (e.g. the logits)."
+        )
+
+
+def forward_backward(
+    output_fn: Callable[[torch.Tensor], torch.Tensor],
+    theta: torch.Tensor,
+    layers: list[Layer],
+    columns_fn: Callable[[torch.Tensor], torch.Tensor],
+    func: str,
+    copy_outputs: bool,
+):
+    """Yield ``(inputs, grads)`` per column: each layer's raw input and ``Jᵀ column`` at its
+    output. Raises ``InPlaceOutput`` if a layer output was modified in place (retry with
+    ``copy_outputs=True``)."""
+    leaf = theta.detach().requires_grad_(True)
+    with torch.enable_grad(), capture(layers, copy_outputs) as records:
+        output = output_fn(leaf)
+    check_output(output, func)
+    if check_records(records, func) and not copy_outputs:
+        raise InPlaceOutput
+    inputs = {name: record.inputs[0] for name, record in records.items()}
+    for column in columns_fn(output):
+        yield inputs, output_gradients(output, records, column)
+
+
+class InPlaceOutput(Exception):
+    """A recorded layer output was changed in place by a later operation."""
+
+
+def input_statistics(layer: Layer, x: torch.Tensor, approx: str) -> list[torch.Tensor]:
+    """Per group: ``Σ_{n,r} ā āᵀ / R`` (expand) or ``Σ_n â âᵀ`` with â the mean over positions
+    (reduce); for an Embedding the diagonal counts."""
+    from ._kfac_capture import embedding_counts
+
+    if isinstance(layer.module, nn.Embedding):
+        return [embedding_counts(layer, x.reshape(x.shape[0], -1))]
+    out = []
+    for features in layer_inputs(layer, x):
+        if approx == "reduce":
+            mean = features.mean(dim=1)
+            out.append(mean.T @ mean)
+        else:
+            flat = features.reshape(-1, features.shape[-1])
+            out.append(flat.T @ flat / features.shape[1])
+    return out
+
+
+def output_statistics(layer: Layer, grad: torch.Tensor, approx: str) -> list[torch.Tensor]:
+    """Per group: ``Σ_{n,r} g gᵀ`` (expand) or ``Σ_n ĝ ĝᵀ`` with ĝ the sum over positions."""
+    out = []
+    for grads in layer_grads(layer, grad):
+        if approx == "reduce" and not isinstance(layer.module, nn.Embedding):
+            total = grads.sum(dim=1)
+            out.append(total.T @ total)
+        else:
+            flat = grads.reshape(-1, grads.shape[-1])
+            out.append(flat.T @ flat)
+    return out
+
+
+def norm_statistics(layer: Layer, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``Σ_n (per-example gradient)²`` of a norm layer's selected parameters, by name."""
+    names = [name for name in (layer.weight, layer.bias) if name is not None]
+    grads = norm_example_grads(layer, x, grad)
+    return {name: (g**2).sum(dim=0) for name, g in zip(names, grads, strict=True)}
+
+
+def example_gradient_squares(
+    grads: torch.Tensor,
+    features: torch.Tensor,
+    rotate_out: torch.Tensor | None = None,
+    rotate_in: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Σ_n (Q_Gᵀ (Σ_r g_nr ā_nrᵀ) Q_A)²`` (d_out, d_in): the squared per-example gradients of
+    a layer in a rotated basis (none: the coordinate basis); ``grads`` (n, R, d_out),
+    ``features`` (n, R, d_in)."""
+    if rotate_out is not None:
+        grads = grads @ rotate_out
+    if rotate_in is not None:
+        features = features @ rotate_in
+    n, positions, d_out = grads.shape
+    d_in = features.shape[-1]
+    if positions == 1:
+        return (grads[:, 0] ** 2).T @ (features[:, 0] ** 2)
+    total = grads.new_zeros(d_out, d_in)
+    step = max(1, CHUNK_ENTRIES // max(d_out * d_in, 1))
+    for start in range(0, n, step):
+        example = torch.einsum(
+            "nro,nri->noi", grads[start : start + step], features[start : start + step]
+        )
+        total += (example**2).sum(dim=0)
+    return total
+
+
+def embedding_gradient_squares(
+    layer: Layer, indices: torch.Tensor, grads: torch.Tensor, rotate_out: torch.Tensor | None
+) -> torch.Tensor:
+    """The same for an Embedding (diagonal input factor, identity Q_A): (D, V)."""
+    module = layer.module
+    n = indices.shape[0]
+    flat = indices.reshape(n, -1)
+    g = grads.reshape(n, flat.shape[1], -1)
+    if rotate_out is not None:
+        g = g @ rotate_out
+    if module.padding_idx is not None:
+        g = g * (flat != module.padding_idx).unsqueeze(-1).to(g.dtype)
+    rows = torch.arange(n, device=flat.device).unsqueeze(1) * module.num_embeddings + flat
+    keys, where = torch.unique(rows.reshape(-1), return_inverse=True)
+    summed = g.new_zeros(keys.numel(), g.shape[-1]).index_add_(0, where, g.reshape(-1, g.shape[-1]))
+    out = g.new_zeros(module.num_embeddings, g.shape[-1])
+    return out.index_add_(0, keys % module.num_embeddings, summed**2).T

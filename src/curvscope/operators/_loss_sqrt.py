@@ -1,0 +1,129 @@
+"""Output-space columns whose outer products give a batch's curvature on the model output.
+
+For one batch with output ``f`` (n, ...), the columns ``c_1 .. c_k`` (each shaped like ``f``)
+satisfy ``Σ_c c cᵀ = w_b M_b``, with ``w_b`` the batch's weight in the dataset loss and ``M_b``:
+
+- ``"ggn"``: the loss Hessian ``∂²L_b/∂f²`` (a square root of it, block by block);
+- ``"monte_carlo"``: ``Σ_s ĝ ĝᵀ`` of output gradients at labels drawn from the model;
+- ``"empirical"``: ``Σ_n g_n g_nᵀ`` of the per-example output gradients at the true labels;
+
+scaled exactly as ``GGNOperator`` and ``FisherOperator`` scale them, so that
+``Σ_c (Jᵀc)(Jᵀc)ᵀ`` summed over batches is that operator's matrix.
+
+``positions="exact"`` gives a square root per example over its whole output (cross-entropy on
+(n, C, T): C·T columns, each nonzero at one position); ``positions="shared"`` (KFAC) uses the
+class dimension only (cross-entropy) or the last dimension (MSE), each column set at every
+position at once, which treats positions like examples (Eschenhagen et al., 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .losses import (
+    LossSpec,
+    _closed_form_cross_entropy,
+    _cross_entropy_scale,
+    loss_hessian_matmat,
+    per_example_output_gradients,
+    per_example_scale,
+    sampled_output_gradients,
+)
+
+
+def _per_position(shared: torch.Tensor, position_dims: list[int]) -> torch.Tensor:
+    """Split columns set at every position into one column per (column, position)."""
+    if not position_dims:
+        return shared
+    out_shape = shared.shape[1:]
+    sizes = [out_shape[d] for d in position_dims]
+    count = math.prod(sizes)
+    mask = torch.eye(count, dtype=shared.dtype, device=shared.device).reshape(count, *sizes)
+    view = [count] + [1] * len(out_shape)
+    for d, size in zip(position_dims, sizes, strict=True):
+        view[1 + d] = size
+    masked = shared.unsqueeze(1) * mask.reshape(view).unsqueeze(0)
+    return masked.reshape(-1, *out_shape)
+
+
+def _cross_entropy_columns(spec: LossSpec, output: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``sqrt(s) · sqrt(p_c) (e_c - p)`` per position: ``S Sᵀ = s (diag p - p pᵀ)`` as Σ p = 1."""
+    probs = torch.softmax(output.detach(), dim=1)
+    scale = _cross_entropy_scale(spec, targets, output.dtype).unsqueeze(1)  # (n, 1, ...)
+    classes = probs.shape[1]
+    eye = torch.eye(classes, dtype=output.dtype, device=output.device)
+    eye = eye.reshape(classes, 1, classes, *([1] * (output.ndim - 2)))
+    root = torch.sqrt(probs).movedim(1, 0).unsqueeze(2)  # (C, n, 1, ...)
+    return root * (eye - probs.unsqueeze(0)) * torch.sqrt(scale).unsqueeze(0)
+
+
+def _mse_columns(spec: LossSpec, output: torch.Tensor) -> torch.Tensor:
+    factor = 2.0 / output.numel() if spec.reduction == "mean" else 2.0
+    size = output.shape[-1]
+    eye = torch.eye(size, dtype=output.dtype, device=output.device)
+    eye = eye.reshape(size, *([1] * (output.ndim - 1)), size)
+    return math.sqrt(factor) * eye.expand(size, *output.shape)
+
+
+def _autograd_columns(
+    spec: LossSpec, loss_fn: Callable, output: torch.Tensor, targets: Any
+) -> torch.Tensor:
+    """A per-example square root of the loss Hessian, from its (n, d, d) blocks by eigh."""
+    n, rest = output.shape[0], output.shape[1:]
+    size = math.prod(rest)
+    basis = torch.eye(size, dtype=output.dtype, device=output.device).reshape(size, 1, *rest)
+    hess = loss_hessian_matmat(spec, loss_fn, output.detach(), targets, basis.expand(-1, n, *rest))
+    blocks = hess.reshape(size, n, size).permute(1, 2, 0)
+    values, vectors = torch.linalg.eigh((blocks + blocks.mT) / 2)
+    roots = vectors * torch.sqrt(values.clamp_min(0)).unsqueeze(1)  # (n, d, k)
+    return roots.permute(2, 0, 1).reshape(size, n, *rest)
+
+
+def ggn_columns(
+    spec: LossSpec, loss_fn: Callable, output: torch.Tensor, targets: Any, positions: str
+) -> torch.Tensor:
+    """Columns (k, *output.shape) of a square root of the batch loss Hessian (unweighted)."""
+    if _closed_form_cross_entropy(spec, output, targets):
+        shared = _cross_entropy_columns(spec, output, targets)
+        if positions == "shared":
+            return shared
+        return _per_position(shared, list(range(2, output.ndim)))
+    if spec.kind == "mse" and output.ndim >= 2:
+        shared = _mse_columns(spec, output)
+        if positions == "shared":
+            return shared
+        return _per_position(shared, list(range(1, output.ndim - 1)))
+    return _autograd_columns(spec, loss_fn, output, targets)
+
+
+def output_columns(
+    spec: LossSpec,
+    loss_fn: Callable,
+    output: torch.Tensor,
+    targets: Any,
+    *,
+    fisher: str,
+    weight: float,
+    generator: torch.Generator | None = None,
+    num_samples: int = 1,
+    positions: str = "exact",
+) -> torch.Tensor:
+    """Columns (k, *output.shape) with ``Σ_c c cᵀ = weight · M_b`` (see the module docstring)."""
+    output = output.detach()
+    n = output.shape[0]
+    mean = spec.reduction == "mean"
+    if fisher == "ggn":
+        return math.sqrt(weight) * ggn_columns(spec, loss_fn, output, targets, positions)
+    if fisher == "empirical":
+        gradients = per_example_output_gradients(spec, loss_fn, output, targets)
+        scale = weight / n if mean else weight
+        return math.sqrt(scale) * gradients.detach().unsqueeze(0)
+    gradients = sampled_output_gradients(spec, output, generator, num_samples)
+    scale = per_example_scale(spec, output) / num_samples * weight
+    if mean:
+        scale /= n
+    return math.sqrt(scale) * gradients

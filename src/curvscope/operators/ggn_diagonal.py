@@ -1,0 +1,247 @@
+"""The exact diagonal of the GGN (or of the Monte Carlo Fisher) as an operator."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import vjp, vmap
+
+from .._checks import check_choice, check_int
+from ._kfac_capture import capture, find_layers, layer_grads, layer_inputs, miscalled
+from ._kronecker import layer_from_matrix
+from ._layer_pass import (
+    CHUNK_ENTRIES,
+    embedding_gradient_squares,
+    example_gradient_squares,
+    norm_statistics,
+)
+from ._statistics import statistics_pass
+from .data import Batch, slice_examples
+from .kfac import _add, _LayerOperator
+
+_KINDS = ("exact", "monte_carlo")
+
+
+class GGNDiagonalOperator(_LayerOperator):
+    """``diag(G)`` of the generalized Gauss-Newton matrix, exactly, as a diagonal (P, P) operator.
+
+    ``diag(G) = Σ_n Σ_c (J_nᵀ c_nc)²`` with ``c_nc`` the columns of a square root of example n's
+    loss Hessian (over its whole output: C·T columns for cross-entropy on (n, C, T)), scaled by
+    the loss normalisation, so that it equals ``torch.diagonal(GGNOperator(...).to_dense())``
+    (Dangel et al., 2020, "BackPACK: packing more into backprop"). ``kind="monte_carlo"`` uses
+    ``num_samples`` labels drawn from the model per example instead, the diagonal of
+    ``FisherOperator(kind="monte_carlo")`` with the same seed.
+
+    Any architecture the GGNOperator handles works: the parameters of Linear, Conv1d/Conv2d,
+    Embedding and LayerNorm/BatchNorm modules (called once per forward pass) go through one
+    backward pass per column with their inputs recorded; every other parameter (tied weights,
+    attention projections, recurrent layers, ...) through per-example vector-Jacobian products
+    (``torch.func.vmap``, or a loop over the examples where vmap is not supported). The model
+    is evaluated in eval mode. The diagonal is computed on first use and kept; ``inverse``,
+    ``logdet``, ``trace`` and ``diagonal`` are exact and trivial.
+
+    Args:
+        model: the network; it must return one Tensor (the input of ``loss_fn``).
+        loss_fn: ``loss_fn(output, targets) -> scalar``; "monte_carlo" needs cross-entropy/MSE.
+        data: an iterable of ``(inputs, targets)`` batches, or one such batch.
+        params: names of the parameters (None: all with requires_grad).
+        kind: "exact" or "monte_carlo".
+        num_samples: labels drawn per example for "monte_carlo".
+        max_batch_size: split batches into micro-batches (never changes the result).
+        seed: seed of the label sampling for "monte_carlo".
+        progress: show a progress bar over batches.
+        reduction: "mean" or "sum" for plain-callable losses (read from nn loss modules).
+        check_deterministic: on first use, check that two passes give the same batches.
+
+    Example:
+        >>> import torch, curvscope
+        >>> model = torch.nn.Linear(1, 1).double()
+        >>> data = (torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
+        >>> curvscope.GGNDiagonalOperator(model, torch.nn.MSELoss(), data).diagonal()["weight"]
+        tensor([[5.]], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        data: Any,
+        *,
+        params: Sequence[str] | None = None,
+        kind: str = "exact",
+        num_samples: int = 1,
+        max_batch_size: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        reduction: str | None = None,
+        check_deterministic: bool = True,
+    ) -> None:
+        func = type(self).__name__
+        check_choice(func, "kind", kind, _KINDS)
+        check_int(func, "num_samples", num_samples, minimum=1)
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            fisher="ggn" if kind == "exact" else "monte_carlo",
+            seed=seed,
+            reduction=reduction,
+            max_batch_size=max_batch_size,
+            progress=progress,
+            check_deterministic=check_deterministic,
+        )
+        self._kind, self._num_samples = kind, num_samples
+        self._options.update(kind=kind, num_samples=num_samples, seed=seed)
+        self._layers, self._generic = find_layers(model, self._names, func, strict=False)
+        self._values: torch.Tensor | None = None
+        self._vmap_examples = True
+        self._calls_checked = False
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    # -- computing the diagonal ----------------------------------------------------------------
+    def _batch_statistics(self, state: Any, batch: Any, weight: float) -> dict[str, torch.Tensor]:
+        saved: list[torch.Tensor] = []
+        columns = self._columns(batch, weight, "exact", self._num_samples)
+
+        def keep(output: torch.Tensor) -> torch.Tensor:
+            if not saved:
+                saved.append(columns(output))
+            return saved[0]
+
+        stats: dict[str, torch.Tensor] = {}
+        if self._layers:
+            for inputs, grads in self._per_column(state, batch, self._layers, keep):
+                for layer in self._layers:
+                    _add(stats, _layer_squares(layer, inputs[layer.name], grads[layer.name]))
+        if self._generic and not saved:
+            with torch.no_grad():
+                keep(self._output_of(state, batch)(state.theta))
+        if self._generic:
+            stats["generic"] = self._generic_squares(state, batch, saved[0])
+        return stats
+
+    def _per_column(self, state: Any, batch: Any, layers: list, columns: Callable):
+        """As in KFAC, but layers not called exactly once move to the per-example path."""
+        if not self._calls_checked:  # once, on the first batch
+            self._calls_checked = True
+            with torch.no_grad(), capture(layers) as records:
+                self._output_of(state, batch)(state.theta)
+            bad = miscalled(records)
+        else:
+            bad = []
+        if bad:
+            moved = [layer for layer in layers if layer.name in bad]
+            self._layers = [layer for layer in layers if layer.name not in bad]
+            names = {n for layer in moved for n in (layer.weight, layer.bias) if n}
+            self._generic = [n for n in self._names if n in names or n in self._generic]
+            layers = self._layers
+            if not layers:
+                return
+        yield from super()._per_column(state, batch, layers, columns)
+
+    def _generic_squares(self, state: Any, batch: Any, columns: torch.Tensor) -> torch.Tensor:
+        """``Σ_n Σ_c (J_nᵀ c_nc)²`` over the generic parameters, by per-example VJPs."""
+        shapes = self._param_shapes
+        chosen = [name in self._generic for name in self._names]
+        pieces = list(state.theta.split([shapes[n].numel() for n in self._names]))
+        generic = torch.cat([p for p, c in zip(pieces, chosen, strict=True) if c])
+
+        sizes = [p.numel() for p, c in zip(pieces, chosen, strict=True) if c]
+
+        def full(theta_generic: torch.Tensor) -> torch.Tensor:
+            parts = iter(theta_generic.split(sizes))
+            return torch.cat([next(parts) if c else p for p, c in zip(pieces, chosen, strict=True)])
+
+        def one(inputs: Any, cols: torch.Tensor) -> torch.Tensor:
+            single = Batch(batch.index, _unsqueeze(inputs), None, 1)
+            output_fn = self._output_of(state, single)
+            _, pull = vjp(lambda t: output_fn(full(t))[0], generic)
+            return (vmap(lambda c: pull(c)[0])(cols) ** 2).sum(dim=0)
+
+        per_example = columns.transpose(0, 1)  # (n, k, *output)
+        chunk = max(1, CHUNK_ENTRIES // max(columns.shape[0] * generic.numel(), 1))
+        if self._vmap_examples:
+            try:
+                return vmap(one, chunk_size=chunk)(batch.inputs, per_example).sum(dim=0)
+            except (RuntimeError, NotImplementedError, ValueError):
+                self._vmap_examples = False
+        total = torch.zeros_like(generic)
+        for n in range(batch.size):
+            inputs = slice_examples(batch.inputs, n, n + 1)
+            total += one(_squeeze(inputs), per_example[n])
+        return total
+
+    def _ensure(self) -> torch.Tensor:
+        if self._values is None:
+            stats = statistics_pass(self, self._batch_statistics)
+            out = {
+                name: torch.zeros(1, *shape, dtype=self.dtype, device=self.device)
+                for name, shape in self._param_shapes.items()
+            }
+            for layer in self._layers:
+                for key, value in stats.items():
+                    if key.startswith(f"D {layer.name} "):
+                        group = int(key.rsplit(" ", 1)[1])
+                        layer_from_matrix(layer, group, value.unsqueeze(0), out)
+                for name in (layer.weight, layer.bias) if layer.is_norm else ():
+                    if name is not None:
+                        out[name] = stats[name].reshape(out[name].shape)
+            if self._generic:
+                start = 0
+                for name in self._generic:
+                    size = math.prod(self._param_shapes[name])
+                    out[name] = stats["generic"][start : start + size].reshape(out[name].shape)
+                    start += size
+            self._values = torch.cat([out[name].reshape(-1) for name in self._names])
+        return self._values
+
+    # -- the structured algebra ----------------------------------------------------------------
+    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self._ensure().unsqueeze(1) * matrix
+
+    def _inverse_matmat(self, matrix: torch.Tensor, damping: float) -> torch.Tensor:
+        return matrix / (self._ensure().unsqueeze(1) + damping)
+
+    def _spectrum(self) -> torch.Tensor:
+        return self._ensure()
+
+    def _diagonal_flat(self) -> torch.Tensor:
+        return self._ensure().clone()
+
+
+def _layer_squares(layer: Any, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One column's ``Σ_n (per-example gradient)²`` for one recorded layer."""
+    if layer.is_norm:
+        return norm_statistics(layer, x, grad)
+    if isinstance(layer.module, nn.Embedding):
+        return {f"D {layer.name} 0": embedding_gradient_squares(layer, x, grad, None)}
+    pairs = zip(layer_grads(layer, grad), layer_inputs(layer, x), strict=True)
+    return {f"D {layer.name} {i}": example_gradient_squares(g, a) for i, (g, a) in enumerate(pairs)}
+
+
+def _unsqueeze(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.unsqueeze(0)
+    if isinstance(inputs, dict):
+        return {key: _unsqueeze(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_unsqueeze(value) for value in inputs)
+    return inputs
+
+
+def _squeeze(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.squeeze(0)
+    if isinstance(inputs, dict):
+        return {key: _squeeze(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_squeeze(value) for value in inputs)
+    return inputs

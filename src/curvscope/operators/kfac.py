@@ -1,0 +1,313 @@
+"""Kronecker-factored approximate curvature (KFAC) as an operator with an exact inverse."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_int, value_error
+from .._random import make_generator
+from ._kfac_capture import find_layers
+from ._kronecker import DiagonalFactor, KroneckerBlock, KroneckerFactor
+from ._layer_pass import (
+    InPlaceOutput,
+    forward_backward,
+    input_statistics,
+    norm_statistics,
+    output_statistics,
+)
+from ._loss_sqrt import output_columns
+from ._statistics import statistics_pass
+from ._structured import StructuredOperator
+from .distributed import rank_and_world_size
+from .model import _ModelOperator
+
+_FISHERS = ("ggn", "monte_carlo", "empirical")
+_APPROX = ("expand", "reduce")
+
+
+class _LayerOperator(StructuredOperator, _ModelOperator):
+    """Shared set-up of KFAC/EKFAC and the GGN diagonal: options, sampling, and the per-batch
+    forward/backward with the layers' inputs and output gradients."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, **options: Any) -> None:
+        fisher, seed = options.pop("fisher"), options.pop("seed")
+        super().__init__(model, loss_fn, data, **options)
+        check_choice(self._func, "fisher", fisher, _FISHERS)
+        check_int(self._func, "seed", seed, minimum=0)
+        spec = self._loss_spec
+        sampling_ok = spec.kind == "mse" or (
+            spec.kind == "cross_entropy" and spec.weight is None and spec.label_smoothing == 0.0
+        )
+        if fisher == "monte_carlo" and not sampling_ok:
+            raise value_error(
+                self._func,
+                "loss_fn",
+                "nn.CrossEntropyLoss (no class weights or label smoothing) or nn.MSELoss for "
+                "Monte Carlo sampling",
+                loss_fn,
+                "Use the exact GGN ('ggn'/'exact') or the empirical Fisher for other losses.",
+            )
+        self._fisher, self._seed = fisher, seed
+        self._generator: torch.Generator | None = None
+        self._copy_outputs = False
+        self._options = {k: v for k, v in options.items() if k != "params"}
+
+    def _start_pass(self) -> None:
+        rank, _ = rank_and_world_size()
+        self._generator = make_generator(self._seed + 1_000_003 * rank)
+
+    def _columns(self, batch: Any, weight: float, positions: str, num_samples: int = 1):
+        def columns(output: torch.Tensor) -> torch.Tensor:
+            return output_columns(
+                self._loss_spec,
+                self._loss_fn,
+                output,
+                batch.targets,
+                fisher=self._fisher,
+                weight=weight,
+                generator=self._generator,
+                num_samples=num_samples,
+                positions=positions,
+            )
+
+        return columns
+
+    def _per_column(self, state: Any, batch: Any, layers: list, columns: Callable):
+        """``(inputs, grads)`` per column, copying layer outputs if an in-place op follows."""
+        while True:
+            try:
+                steps = forward_backward(
+                    self._output_of(state, batch),
+                    state.theta,
+                    layers,
+                    columns,
+                    self._func,
+                    self._copy_outputs,
+                )
+                first = next(steps, None)
+                break
+            except InPlaceOutput:
+                self._copy_outputs = True
+        if first is not None:
+            yield first
+            yield from steps
+
+
+class KFACOperator(_LayerOperator):
+    """Kronecker-factored approximate curvature ``K = blockdiag_l(G_l ⊗ A_l)`` (P, P).
+
+    Per layer (Martens & Grosse, 2015; Grosse & Martens, 2016): the weight and bias of one module
+    share one factorisation, the input augmented with a constant 1 (``ā = [a, 1]``);
+    ``A = (1/N) Σ_n Σ_r ā_nr ā_nrᵀ / R`` over the N examples and the R positions that share the
+    weight, and ``G = Σ_n Σ_r Σ_c g_nrc g_nrcᵀ`` with ``g = Jᵀ c`` the layer's output gradient
+    back-propagated from an output-space column ``c``: a column of a square root of the loss
+    Hessian (``fisher="ggn"``, the type-2 Fisher), the gradient at one label drawn from the model
+    per example (``"monte_carlo"``), or at the true label (``"empirical"``); the columns carry
+    the loss normalisation of the dataset (1/N for a mean). For a single datum, or a deep linear
+    network with MSE, ``fisher="ggn"`` gives the exact GGN's layer blocks.
+
+    Weight sharing (Eschenhagen et al., 2023, "Kronecker-factored approximate curvature for
+    modern neural network architectures"): ``approx="expand"`` treats positions (a Linear
+    layer's sequence dimensions, a convolution's patches) like examples; ``"reduce"`` averages the
+    inputs and sums the output gradients over positions first (``A`` then divides by N only).
+    Embeddings use their exact diagonal input factor (counts) in both. Cross-entropy columns
+    are set at every position at once (one backward pass per class).
+
+    Supported: Linear, Conv1d/Conv2d (stride, padding, dilation, groups: one factorisation per
+    group), Embedding, and the affine parameters of LayerNorm/BatchNorm (their exact GGN
+    diagonal, a diagonal block). The model is evaluated in eval mode. Tied parameters, modules
+    called more than once, and other modules are refused by name: restrict ``params=``.
+
+    The factors are computed on first use (one pass over the data) and kept; ``inverse``,
+    ``logdet``, ``trace`` and ``diagonal`` are exact for ``K`` (``inverse`` via the factors'
+    eigendecompositions: ``(Q_G ⊗ Q_A)(λ_G λ_Aᵀ + λ)⁻¹(Q_G ⊗ Q_A)ᵀ``). Under torch.distributed
+    the factors are summed with one all-reduce.
+
+    Args:
+        model: the network; it must return one Tensor (the input of ``loss_fn``).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or another loss (its output Hessian by
+            autograd; "monte_carlo" needs cross-entropy or MSE).
+        data: an iterable of ``(inputs, targets)`` batches, or one such batch.
+        params: names of the parameters (None: all with requires_grad).
+        fisher: "ggn", "monte_carlo" or "empirical".
+        approx: "expand" or "reduce".
+        max_batch_size: split batches into micro-batches (never changes the result).
+        seed: seed of the label sampling for "monte_carlo".
+        progress: show a progress bar over batches.
+        reduction: "mean" or "sum" for plain-callable losses (read from nn loss modules).
+        check_deterministic: on first use, check that two passes give the same batches.
+
+    Example:
+        >>> import torch, curvscope
+        >>> model = torch.nn.Linear(1, 1).double()
+        >>> data = (torch.tensor([[2.0]], dtype=torch.float64), torch.zeros(1, 1))
+        >>> K = curvscope.KFACOperator(model, torch.nn.MSELoss(), data)
+        >>> K.to_dense().round(decimals=12)  # 2 [2, 1]ᵀ[2, 1]: the exact GGN for a single datum
+        tensor([[8., 4.],
+                [4., 2.]], dtype=torch.float64)
+        >>> round(K.logdet(damping=1.0), 6)  # log((1 + 10) · 1)
+        2.397895
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        data: Any,
+        *,
+        params: Sequence[str] | None = None,
+        fisher: str = "ggn",
+        approx: str = "expand",
+        max_batch_size: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        reduction: str | None = None,
+        check_deterministic: bool = True,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            fisher=fisher,
+            seed=seed,
+            reduction=reduction,
+            max_batch_size=max_batch_size,
+            progress=progress,
+            check_deterministic=check_deterministic,
+        )
+        check_choice(self._func, "approx", approx, _APPROX)
+        self._approx = approx
+        self._options.update(fisher=fisher, approx=approx, seed=seed)
+        self._layers, _ = find_layers(model, self._names, self._func)
+        self._blocks: list[KroneckerBlock] | None = None
+        self._norms: dict[str, torch.Tensor] = {}
+
+    @property
+    def fisher(self) -> str:
+        return self._fisher
+
+    @property
+    def approx(self) -> str:
+        return self._approx
+
+    @property
+    def factors(self) -> dict[str, KroneckerFactor | DiagonalFactor]:
+        """Per module name (``name[g]`` per group of a grouped convolution): its factors."""
+        blocks = self._ensure()
+        out: dict[str, KroneckerFactor | DiagonalFactor] = {}
+        for block in blocks:
+            key = (
+                block.layer.name
+                if block.layer.groups == 1
+                else f"{block.layer.name}[{block.group}]"
+            )
+            out[key] = KroneckerFactor(block.a, block.g)
+        for layer in self._layers:
+            if layer.is_norm:
+                names = [n for n in (layer.weight, layer.bias) if n is not None]
+                out[layer.name] = DiagonalFactor({n: self._norms[n] for n in names})
+        return out
+
+    # -- computing the factors -----------------------------------------------------------------
+    def _batch_statistics(self, state: Any, batch: Any, weight: float) -> dict[str, torch.Tensor]:
+        stats: dict[str, torch.Tensor] = {}
+        columns = self._columns(batch, weight, "shared")
+        first = True
+        for inputs, grads in self._per_column(state, batch, self._layers, columns):
+            for layer in self._layers:
+                x, g = inputs[layer.name], grads[layer.name]
+                if layer.is_norm:
+                    _add(stats, norm_statistics(layer, x, g))
+                    continue
+                if first:
+                    pieces = input_statistics(layer, x, self._approx)
+                    _add(stats, {f"A {layer.name} {i}": a for i, a in enumerate(pieces)})
+                pieces = output_statistics(layer, g, self._approx)
+                _add(stats, {f"G {layer.name} {i}": a for i, a in enumerate(pieces)})
+            first = False
+        return stats
+
+    def _ensure(self) -> list[KroneckerBlock]:
+        if self._blocks is None:
+            stats = statistics_pass(self, self._batch_statistics)
+            blocks = []
+            for layer in self._layers:
+                if layer.is_norm:
+                    for name in (layer.weight, layer.bias):
+                        if name is not None:
+                            self._norms[name] = stats[name]
+                    continue
+                for group in range(layer.groups):
+                    a = stats[f"A {layer.name} {group}"] / self.num_examples
+                    blocks.append(KroneckerBlock(layer, group, a, stats[f"G {layer.name} {group}"]))
+            self._blocks = blocks
+            self._after_factors()
+        return self._blocks
+
+    def _after_factors(self) -> None:
+        """Hook for EKFAC: re-fit the eigenvalues after the factors exist."""
+
+    # -- the structured algebra ----------------------------------------------------------------
+    def _apply(self, matrix: torch.Tensor, block_fn: Callable, norm_fn: Callable) -> torch.Tensor:
+        blocks = self._ensure()
+        pieces = self._pieces(matrix)
+        out = {name: torch.empty_like(piece) for name, piece in pieces.items()}
+        for block in blocks:
+            block.from_matrix(block_fn(block, block.to_matrix(pieces)), out)
+        for name, values in self._norms.items():
+            out[name] = norm_fn(values, pieces[name])
+        return torch.cat([out[name].reshape(matrix.shape[1], -1) for name in self._names], 1).T
+
+    def _pieces(self, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        columns = matrix.T
+        sizes = [shape.numel() for shape in self._param_shapes.values()]
+        return {
+            name: piece.reshape(columns.shape[0], *shape)
+            for (name, shape), piece in zip(
+                self._param_shapes.items(), columns.split(sizes, dim=1), strict=True
+            )
+        }
+
+    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self._apply(matrix, lambda b, m: b.matmat(m), lambda d, v: d * v)
+
+    def _inverse_matmat(self, matrix: torch.Tensor, damping: float) -> torch.Tensor:
+        return self._apply(
+            matrix, lambda b, m: b.inverse_matmat(m, damping), lambda d, v: v / (d + damping)
+        )
+
+    def _spectrum(self) -> torch.Tensor:
+        pieces = [block.eigenvalues().reshape(-1) for block in self._ensure()]
+        pieces += [values.reshape(-1) for values in self._norms.values()]
+        return torch.cat(pieces)
+
+    def _diagonal_flat(self) -> torch.Tensor:
+        eye = {
+            name: torch.empty(1, *shape, dtype=self.dtype, device=self.device)
+            for name, shape in self._param_shapes.items()
+        }
+        blocks = self._ensure()
+        for block in blocks:
+            block.from_matrix(block.diagonal().unsqueeze(0), eye)
+        for name, values in self._norms.items():
+            eye[name] = values.unsqueeze(0)
+        return torch.cat([eye[name].reshape(-1) for name in self._names])
+
+    def trace(self) -> float:
+        """``tr K = Σ_l tr(G_l) tr(A_l)`` (plus the diagonal blocks), exact."""
+        blocks = self._ensure()
+        total = sum(float(block.trace()) for block in blocks)
+        return total + sum(float(values.sum()) for values in self._norms.values())
+
+
+def _add(stats: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for key, value in new.items():
+        if key in stats:
+            stats[key] = stats[key] + value
+        else:
+            stats[key] = value
