@@ -67,6 +67,28 @@ def layer_from_matrix(
         out[layer.bias][:, rows] = matrix[:, :, width]
 
 
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0: the factors are PSD) and eigenvectors, with a canonical basis
+    of the null space: eigh's basis there is arbitrary and changes with roundoff (e.g. with the
+    batching), which would change EKFAC's re-fitted diagonal. The null-space basis is rotated to
+    the eigenvectors of ``P diag(1, ..., 2) P`` (P the projector onto it), unique up to signs."""
+    values, vectors = torch.linalg.eigh(matrix)
+    values = values.clamp_min(0)
+    size = values.numel()
+    if size == 0:
+        return values, vectors
+    tol = values.max() * size * 100 * torch.finfo(values.dtype).eps
+    null = values <= tol
+    if int(null.sum()) > 1:
+        basis = vectors[:, null]
+        generic = torch.linspace(1.0, 2.0, size, dtype=matrix.dtype, device=matrix.device)
+        _, rotation = torch.linalg.eigh(basis.T @ (generic[:, None] * basis))
+        vectors = vectors.clone()
+        vectors[:, null] = basis @ rotation
+        values = torch.where(null, torch.zeros_like(values), values)
+    return values, vectors
+
+
 class KroneckerBlock:
     """``G ⊗ A`` for one layer and group; see the module docstring."""
 
@@ -89,10 +111,9 @@ class KroneckerBlock:
             if self.diagonal_input:
                 q_a, lam_a = None, self.a.clamp_min(0)
             else:
-                lam_a, q_a = torch.linalg.eigh(self.a)
-                lam_a = lam_a.clamp_min(0)
-            lam_g, q_g = torch.linalg.eigh(self.g)
-            self._eigen = (q_a, lam_a, q_g, lam_g.clamp_min(0))
+                lam_a, q_a = _eigh(self.a)
+            lam_g, q_g = _eigh(self.g)
+            self._eigen = (q_a, lam_a, q_g, lam_g)
         return self._eigen
 
     def eigenvalues(self) -> torch.Tensor:
