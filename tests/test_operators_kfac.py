@@ -243,6 +243,18 @@ def test_empirical_and_monte_carlo_match_the_fisher_operators_for_a_single_datum
         _assert_close(K.to_dense(), _blocks(K, F.to_dense()))
 
 
+def test_empirical_fisher_convention_matches_the_ggn_scale_for_multi_output_mse():
+    """F = (1/(N m)) Σ_n g_n g_nᵀ, g_n the gradient of example n's summed squared errors, m = 2
+    outputs: at a single datum KFAC(empirical) is exactly its layer blocks."""
+    model, loss_fn, data = _deep_linear()
+    x, y = data[0][0][:1], data[0][1][:1]
+    K = curvscope.KFACOperator(model, loss_fn, (x, y), fisher="empirical")
+    params = list(model.parameters())
+    total = nn.MSELoss(reduction="sum")(model(x), y)
+    g = torch.cat([p.reshape(-1) for p in torch.autograd.grad(total, params)])
+    _assert_close(K.to_dense(), _blocks(K, torch.outer(g, g) / 2))
+
+
 def test_monte_carlo_depends_on_seed_and_is_deterministic():
     case = mlp()
     make = lambda seed: curvscope.KFACOperator(  # noqa: E731

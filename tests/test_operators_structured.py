@@ -322,7 +322,13 @@ def test_kfac_matches_curvlinops_on_a_small_cnn():  # pragma: no cover - peer en
     ours = curvscope.KFACOperator(model, nn.CrossEntropyLoss(), data).to_dense()
     params = list(model.parameters())
     theirs = KFACLinearOperator(
-        model, nn.CrossEntropyLoss(), params, data, fisher_type="type-2", kfac_approx="expand"
+        model,
+        nn.CrossEntropyLoss(),
+        params,
+        data,
+        fisher_type="type-2",
+        kfac_approx="expand",
+        separate_weight_and_bias=False,
     )
     theirs = theirs @ torch.eye(ours.shape[0], dtype=DTYPE)
     _close(ours, torch.as_tensor(theirs), 1e-9)

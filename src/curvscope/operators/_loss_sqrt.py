@@ -5,10 +5,13 @@ satisfy ``Σ_c c cᵀ = w_b M_b``, with ``w_b`` the batch's weight in the datase
 
 - ``"ggn"``: the loss Hessian ``∂²L_b/∂f²`` (a square root of it, block by block);
 - ``"monte_carlo"``: ``Σ_s ĝ ĝᵀ`` of output gradients at labels drawn from the model;
-- ``"empirical"``: ``Σ_n g_n g_nᵀ`` of the per-example output gradients at the true labels;
+- ``"empirical"``: ``Σ_n g_n g_nᵀ / m`` of the output gradients of each example's summed loss
+  terms at the true labels, with m the terms per example that the mean divides by (positions
+  for cross-entropy, elements otherwise), so that at labels drawn from the model its
+  expectation is the GGN (issue 9's convention; curvlinops' too);
 
-scaled exactly as ``GGNOperator`` and ``FisherOperator`` scale them, so that
-``Σ_c (Jᵀc)(Jᵀc)ᵀ`` summed over batches is that operator's matrix.
+scaled so that ``Σ_c (Jᵀc)(Jᵀc)ᵀ`` summed over batches is the GGN or the Fisher of the dataset
+loss.
 
 ``positions="exact"`` gives a square root per example over its whole output (cross-entropy on
 (n, C, T): C·T columns, each nonzero at one position); ``positions="shared"`` (KFAC) uses the
@@ -23,13 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.func import grad
 
 from .losses import (
     LossSpec,
     _closed_form_cross_entropy,
     _cross_entropy_scale,
     loss_hessian_matmat,
-    per_example_output_gradients,
     per_example_scale,
     sampled_output_gradients,
 )
@@ -118,9 +121,10 @@ def output_columns(
     mean = spec.reduction == "mean"
     if fisher == "ggn":
         return math.sqrt(weight) * ggn_columns(spec, loss_fn, output, targets, positions)
-    if fisher == "empirical":
-        gradients = per_example_output_gradients(spec, loss_fn, output, targets)
-        scale = weight / n if mean else weight
+    if fisher == "empirical":  # sqrt(N m) w_b ∇_f L_b: F = (1/(N m)) Σ_n g_n g_nᵀ
+        gradients = grad(lambda out: loss_fn(out, targets))(output)
+        terms = 1.0 / per_example_scale(spec, output) if mean else 1.0
+        scale = n * terms * weight if mean else weight
         return math.sqrt(scale) * gradients.detach().unsqueeze(0)
     gradients = sampled_output_gradients(spec, output, generator, num_samples)
     scale = per_example_scale(spec, output) / num_samples * weight

@@ -106,8 +106,10 @@ class KFACOperator(_LayerOperator):
     weight, and ``G = Σ_n Σ_r Σ_c g_nrc g_nrcᵀ`` with ``g = Jᵀ c`` the layer's output gradient
     back-propagated from an output-space column ``c``: a column of a square root of the loss
     Hessian (``fisher="ggn"``, the type-2 Fisher), the gradient at one label drawn from the model
-    per example (``"monte_carlo"``), or at the true label (``"empirical"``); the columns carry
-    the loss normalisation of the dataset (1/N for a mean). For a single datum, or a deep linear
+    per example (``"monte_carlo"``), or at the true label (``"empirical"``: the gradient of each
+    example's summed loss terms, over the m terms per example that the mean divides by, so that
+    its expectation under the model is the GGN); the columns carry the loss normalisation of
+    the dataset (1/N for a mean). For a single datum, or a deep linear
     network with MSE, ``fisher="ggn"`` gives the exact GGN's layer blocks.
 
     Weight sharing (Eschenhagen et al., 2023, "Kronecker-factored approximate curvature for
@@ -118,9 +120,11 @@ class KFACOperator(_LayerOperator):
     are set at every position at once (one backward pass per class).
 
     Supported: Linear, Conv1d/Conv2d (stride, padding, dilation, groups: one factorisation per
-    group), Embedding, and the affine parameters of LayerNorm/BatchNorm (their exact GGN
-    diagonal, a diagonal block). The model is evaluated in eval mode. Tied parameters, modules
-    called more than once, and other modules are refused by name: restrict ``params=``.
+    group, each from that group's own inputs and outputs; curvlinops instead shares one input
+    factor across groups), Embedding, and the affine parameters of LayerNorm/BatchNorm (their
+    exact GGN diagonal, a diagonal block). The model is evaluated in eval mode. Tied
+    parameters, modules called more than once, and other modules are refused by name: restrict
+    ``params=``.
 
     The factors are computed on first use (one pass over the data) and kept; ``inverse``,
     ``logdet``, ``trace`` and ``diagonal`` are exact for ``K`` (``inverse`` via the factors'
