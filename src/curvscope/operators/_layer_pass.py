@@ -15,10 +15,10 @@ from torch import nn
 from .._checks import describe
 from ._kfac_capture import (
     Layer,
+    _unfold,
     capture,
     check_records,
-    layer_grads,
-    layer_inputs,
+    embedding_counts,
     norm_example_grads,
     output_gradients,
 )
@@ -62,35 +62,60 @@ class InPlaceOutput(Exception):
     """A recorded layer output was changed in place by a later operation."""
 
 
+def _gram(features: torch.Tensor, columns: bool, reduce: str | None) -> tuple[torch.Tensor, ...]:
+    """(Σ f fᵀ, Σ f, count) over examples and positions of ``features``: (n, R, d) rows, or
+    (n, d, R) with ``columns=True``; ``reduce`` "mean"/"sum" over positions first."""
+    if reduce is not None:
+        dim = 2 if columns else 1
+        features = features.mean(dim=dim) if reduce == "mean" else features.sum(dim=dim)
+        return features.T @ features, features.sum(dim=0), features.shape[0]
+    if columns:
+        n, d, positions = features.shape
+        sums = features.sum(dim=(0, 2))
+        if d <= positions:  # n small (d, d) products: no copy, no more memory than the input
+            return torch.bmm(features, features.transpose(1, 2)).sum(dim=0), sums, n * positions
+        flat = features.transpose(0, 1).reshape(d, -1)  # one copy, then one large product
+        return flat @ flat.T, sums, n * positions
+    flat = features.reshape(-1, features.shape[-1])
+    return flat.T @ flat, flat.sum(dim=0), flat.shape[0]
+
+
+def _raw_inputs(layer: Layer, x: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    """Unaugmented inputs per group, and whether they are (n, d, R) (convolutions)."""
+    if isinstance(layer.module, nn.Linear):
+        return [x.reshape(x.shape[0], -1, x.shape[-1])], False
+    return list(_unfold(layer.module, x).chunk(layer.groups, dim=1)), True
+
+
 def input_statistics(layer: Layer, x: torch.Tensor, approx: str) -> list[torch.Tensor]:
     """Per group: ``Σ_{n,r} ā āᵀ / R`` (expand) or ``Σ_n â âᵀ`` with â the mean over positions
-    (reduce); for an Embedding the diagonal counts."""
-    from ._kfac_capture import embedding_counts
-
+    (reduce), ā = [a, 1] with a bias; for an Embedding the diagonal counts."""
     if isinstance(layer.module, nn.Embedding):
         return [embedding_counts(layer, x.reshape(x.shape[0], -1))]
+    groups, columns = _raw_inputs(layer, x)
     out = []
-    for features in layer_inputs(layer, x):
-        if approx == "reduce":
-            mean = features.mean(dim=1)
-            out.append(mean.T @ mean)
-        else:
-            flat = features.reshape(-1, features.shape[-1])
-            out.append(flat.T @ flat / features.shape[1])
+    for features in groups:
+        positions = features.shape[2] if columns else features.shape[1]
+        gram, sums, count = _gram(features, columns, "mean" if approx == "reduce" else None)
+        if layer.weight is None:
+            gram, sums = gram[:0, :0], sums[:0]
+        if layer.bias is not None:
+            corner = sums.new_full((1, 1), float(count))
+            top = torch.cat([gram, sums[:, None]], 1)
+            gram = torch.cat([top, torch.cat([sums[None], corner], 1)])
+        out.append(gram if approx == "reduce" else gram / positions)
     return out
 
 
 def output_statistics(layer: Layer, grad: torch.Tensor, approx: str) -> list[torch.Tensor]:
     """Per group: ``Σ_{n,r} g gᵀ`` (expand) or ``Σ_n ĝ ĝᵀ`` with ĝ the sum over positions."""
-    out = []
-    for grads in layer_grads(layer, grad):
-        if approx == "reduce" and not isinstance(layer.module, nn.Embedding):
-            total = grads.sum(dim=1)
-            out.append(total.T @ total)
-        else:
-            flat = grads.reshape(-1, grads.shape[-1])
-            out.append(flat.T @ flat)
-    return out
+    n = grad.shape[0]
+    if isinstance(layer.module, (nn.Linear, nn.Embedding)):
+        groups, columns = [grad.reshape(n, -1, grad.shape[-1])], False
+    else:
+        groups, columns = list(grad.reshape(n, grad.shape[1], -1).chunk(layer.groups, 1)), True
+    reduce = "sum" if approx == "reduce" and not isinstance(layer.module, nn.Embedding) else None
+    return [_gram(g, columns, reduce)[0] for g in groups]
 
 
 def norm_statistics(layer: Layer, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
