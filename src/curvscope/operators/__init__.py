@@ -1,5 +1,6 @@
 """Curvature of a model over a dataset as linear operators, and the data/distributed layer."""
 
+from ._inputs import TrainModeWarning
 from .base import DenseOperator, LinearOperator
 from .block_diagonal import BlockDiagonalOperator
 from .distributed import init_distributed, is_main_process, shard
@@ -20,6 +21,7 @@ __all__ = [
     "HessianOperator",
     "KFACOperator",
     "LinearOperator",
+    "TrainModeWarning",
     "init_distributed",
     "is_main_process",
     "shard",
