@@ -37,19 +37,18 @@ def check_output(output: object, func: str) -> None:
 
 
 def forward_backward(
-    output_fn: Callable[[torch.Tensor], torch.Tensor],
-    theta: torch.Tensor,
+    forward: Callable[[], torch.Tensor],
     layers: list[Layer],
     columns_fn: Callable[[torch.Tensor], torch.Tensor],
     func: str,
     copy_outputs: bool,
 ):
     """Yield ``(inputs, grads)`` per column: each layer's raw input and ``Jᵀ column`` at its
-    output. Raises ``InPlaceOutput`` if a layer output was modified in place (retry with
+    output, from one forward pass (``forward()``, with a graph) and one backward pass per
+    column. Raises ``InPlaceOutput`` if a layer output was modified in place (retry with
     ``copy_outputs=True``)."""
-    leaf = theta.detach().requires_grad_(True)
     with torch.enable_grad(), capture(layers, copy_outputs) as records:
-        output = output_fn(leaf)
+        output = forward()
     check_output(output, func)
     if check_records(records, func) and not copy_outputs:
         raise InPlaceOutput
@@ -80,7 +79,7 @@ def _gram(features: torch.Tensor, columns: bool, reduce: str | None) -> tuple[to
     return flat.T @ flat, flat.sum(dim=0), flat.shape[0]
 
 
-def _raw_inputs(layer: Layer, x: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+def raw_inputs(layer: Layer, x: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
     """Unaugmented inputs per group, and whether they are (n, d, R) (convolutions)."""
     if isinstance(layer.module, nn.Linear):
         return [x.reshape(x.shape[0], -1, x.shape[-1])], False
@@ -92,7 +91,7 @@ def input_statistics(layer: Layer, x: torch.Tensor, approx: str) -> list[torch.T
     (reduce), ā = [a, 1] with a bias; for an Embedding the diagonal counts."""
     if isinstance(layer.module, nn.Embedding):
         return [embedding_counts(layer, x.reshape(x.shape[0], -1))]
-    groups, columns = _raw_inputs(layer, x)
+    groups, columns = raw_inputs(layer, x)
     out = []
     for features in groups:
         positions = features.shape[2] if columns else features.shape[1]
@@ -148,6 +147,62 @@ def example_gradient_squares(
         example = torch.einsum(
             "nro,nri->noi", grads[start : start + step], features[start : start + step]
         )
+        total += (example**2).sum(dim=0)
+    return total
+
+
+def _output_groups(layer: Layer, grad: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    n = grad.shape[0]
+    if isinstance(layer.module, nn.Linear):
+        return [grad.reshape(n, -1, grad.shape[-1])], False
+    return list(grad.reshape(n, grad.shape[1], -1).chunk(layer.groups, dim=1)), True
+
+
+def diagonal_squares(
+    layer: Layer, raw: tuple[list[torch.Tensor], bool], grad: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One column's share of ``Σ_n (per-example gradient)²`` per group: "W name g" (d_out, d_in)
+    and "B name g" (d_out,), from the unaugmented inputs ``raw`` (``raw_inputs``). With one
+    position, "G2 name g" = g² (n, d_out) instead, summed over columns first and finished by
+    ``finish_diagonal_squares`` with one product per batch."""
+    groups, columns = _output_groups(layer, grad)
+    out = {}
+    for i, (g, a) in enumerate(zip(groups, raw[0], strict=True)):
+        positions = g.shape[2] if columns else g.shape[1]
+        if positions == 1:
+            out[f"G2 {layer.name} {i}"] = g.reshape(g.shape[0], -1) ** 2
+            continue
+        if layer.weight is not None:
+            out[f"W {layer.name} {i}"] = _weight_squares(g, a, columns)
+        if layer.bias is not None:
+            out[f"B {layer.name} {i}"] = (g.sum(dim=2 if columns else 1) ** 2).sum(dim=0)
+    return out
+
+
+def finish_diagonal_squares(
+    layer: Layer, raw: tuple[list[torch.Tensor], bool], stats: dict[str, torch.Tensor]
+) -> None:
+    """Turn the column sums "G2 name g" into "W"/"B" entries (in place)."""
+    for i, a in enumerate(raw[0]):
+        squares = stats.pop(f"G2 {layer.name} {i}", None)
+        if squares is None:
+            continue
+        if layer.weight is not None:
+            stats[f"W {layer.name} {i}"] = squares.T @ a.reshape(a.shape[0], -1) ** 2
+        if layer.bias is not None:
+            stats[f"B {layer.name} {i}"] = squares.sum(dim=0)
+
+
+def _weight_squares(g: torch.Tensor, a: torch.Tensor, columns: bool) -> torch.Tensor:
+    d_out, d_in = (g.shape[1], a.shape[1]) if columns else (g.shape[2], a.shape[2])
+    total = g.new_zeros(d_out, d_in)
+    step = max(1, CHUNK_ENTRIES // max(d_out * d_in, 1))
+    for start in range(0, g.shape[0], step):
+        chunk = slice(start, start + step)
+        if columns:
+            example = torch.bmm(g[chunk], a[chunk].transpose(1, 2))
+        else:
+            example = torch.bmm(g[chunk].transpose(1, 2), a[chunk])
         total += (example**2).sum(dim=0)
     return total
 

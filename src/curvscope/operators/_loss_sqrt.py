@@ -1,17 +1,17 @@
 """Output-space columns whose outer products give a batch's curvature on the model output.
 
-For one batch with output ``f`` (n, ...), the columns ``c_1 .. c_k`` (each shaped like ``f``)
-satisfy ``Σ_c c cᵀ = w_b M_b``, with ``w_b`` the batch's weight in the dataset loss and ``M_b``:
+For one batch with output ``f`` (n, ...) and summed loss ``S_b``, the columns ``c_1 .. c_k``
+(each shaped like ``f``) satisfy ``Σ_c c cᵀ = s · M_b`` with ``s`` the dataset normalisation
+(``1/Z`` for a mean, 1 for a sum) and ``M_b``:
 
-- ``"ggn"``: the loss Hessian ``∂²L_b/∂f²`` (a square root of it, block by block);
-- ``"monte_carlo"``: ``Σ_s ĝ ĝᵀ`` of output gradients at labels drawn from the model;
-- ``"empirical"``: ``Σ_n g_n g_nᵀ / m`` of the output gradients of each example's summed loss
-  terms at the true labels, with m the terms per example that the mean divides by (positions
-  for cross-entropy, elements otherwise), so that at labels drawn from the model its
-  expectation is the GGN (issue 9's convention; curvlinops' too);
+- ``"ggn"``: the Hessian ``∂²S_b/∂f²`` (a square root of it, example by example);
+- ``"monte_carlo"``: ``(1/S) Σ_s ĝ ĝᵀ`` of the summed negative log-likelihood's output
+  gradients at S labels drawn from the model;
+- ``"empirical"``: ``Σ_n g_n g_nᵀ`` with g_n the output gradient of example n's summed loss
+  terms at its true label;
 
-scaled so that ``Σ_c (Jᵀc)(Jᵀc)ᵀ`` summed over batches is the GGN or the Fisher of the dataset
-loss.
+the conventions of ``GGNOperator`` and ``FisherOperator``, so that ``Σ_c (Jᵀc)(Jᵀc)ᵀ`` summed
+over batches is their matrix.
 
 ``positions="exact"`` gives a square root per example over its whole output (cross-entropy on
 (n, C, T): C·T columns, each nonzero at one position); ``positions="shared"`` (KFAC) uses the
@@ -26,14 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import grad
 
+from .data import Batch
 from .losses import (
     LossSpec,
-    _closed_form_cross_entropy,
+    _cross_entropy_closed_form,
     _cross_entropy_scale,
-    loss_hessian_matmat,
-    per_example_scale,
+    output_gradients,
     sampled_output_gradients,
 )
 
@@ -64,22 +63,21 @@ def _cross_entropy_columns(spec: LossSpec, output: torch.Tensor, targets: Any) -
     return root * (eye - probs.unsqueeze(0)) * torch.sqrt(scale).unsqueeze(0)
 
 
-def _mse_columns(spec: LossSpec, output: torch.Tensor) -> torch.Tensor:
-    factor = 2.0 / output.numel() if spec.reduction == "mean" else 2.0
+def _mse_columns(output: torch.Tensor) -> torch.Tensor:
+    """``sqrt(2) e_d`` along the last dimension at every position: the summed MSE's Hessian."""
+    factor = 2.0
     size = output.shape[-1]
     eye = torch.eye(size, dtype=output.dtype, device=output.device)
     eye = eye.reshape(size, *([1] * (output.ndim - 1)), size)
     return math.sqrt(factor) * eye.expand(size, *output.shape)
 
 
-def _autograd_columns(
-    spec: LossSpec, loss_fn: Callable, output: torch.Tensor, targets: Any
-) -> torch.Tensor:
+def _autograd_columns(hessian_matmat: Callable, output: torch.Tensor) -> torch.Tensor:
     """A per-example square root of the loss Hessian, from its (n, d, d) blocks by eigh."""
     n, rest = output.shape[0], output.shape[1:]
     size = math.prod(rest)
     basis = torch.eye(size, dtype=output.dtype, device=output.device).reshape(size, 1, *rest)
-    hess = loss_hessian_matmat(spec, loss_fn, output.detach(), targets, basis.expand(-1, n, *rest))
+    hess = hessian_matmat(basis.expand(-1, n, *rest).contiguous())
     blocks = hess.reshape(size, n, size).permute(1, 2, 0)
     values, vectors = torch.linalg.eigh((blocks + blocks.mT) / 2)
     roots = vectors * torch.sqrt(values.clamp_min(0)).unsqueeze(1)  # (n, d, k)
@@ -87,47 +85,46 @@ def _autograd_columns(
 
 
 def ggn_columns(
-    spec: LossSpec, loss_fn: Callable, output: torch.Tensor, targets: Any, positions: str
+    spec: LossSpec,
+    output: torch.Tensor,
+    targets: Any,
+    hessian_matmat: Callable,
+    positions: str,
 ) -> torch.Tensor:
-    """Columns (k, *output.shape) of a square root of the batch loss Hessian (unweighted)."""
-    if _closed_form_cross_entropy(spec, output, targets):
+    """Columns (k, *output.shape) of a square root of the summed batch loss's Hessian."""
+    if _cross_entropy_closed_form(spec, output, targets):
         shared = _cross_entropy_columns(spec, output, targets)
         if positions == "shared":
             return shared
         return _per_position(shared, list(range(2, output.ndim)))
     if spec.kind == "mse" and output.ndim >= 2:
-        shared = _mse_columns(spec, output)
+        shared = _mse_columns(output)
         if positions == "shared":
             return shared
         return _per_position(shared, list(range(1, output.ndim - 1)))
-    return _autograd_columns(spec, loss_fn, output, targets)
+    return _autograd_columns(hessian_matmat, output)
 
 
 def output_columns(
     spec: LossSpec,
-    loss_fn: Callable,
     output: torch.Tensor,
-    targets: Any,
+    batch: Batch,
     *,
     fisher: str,
-    weight: float,
+    scale: float,
+    hessian_matmat: Callable,
     generator: torch.Generator | None = None,
     num_samples: int = 1,
     positions: str = "exact",
 ) -> torch.Tensor:
-    """Columns (k, *output.shape) with ``Σ_c c cᵀ = weight · M_b`` (see the module docstring)."""
+    """Columns (k, *output.shape) with ``Σ_c c cᵀ = scale · M_b`` (see the module docstring)."""
     output = output.detach()
-    n = output.shape[0]
-    mean = spec.reduction == "mean"
     if fisher == "ggn":
-        return math.sqrt(weight) * ggn_columns(spec, loss_fn, output, targets, positions)
-    if fisher == "empirical":  # sqrt(N m) w_b ∇_f L_b: F = (1/(N m)) Σ_n g_n g_nᵀ
-        gradients = grad(lambda out: loss_fn(out, targets))(output)
-        terms = 1.0 / per_example_scale(spec, output) if mean else 1.0
-        scale = n * terms * weight if mean else weight
+        return math.sqrt(scale) * ggn_columns(
+            spec, output, batch.targets, hessian_matmat, positions
+        )
+    if fisher == "empirical":
+        gradients = output_gradients(spec, output, batch.targets, batch.size)
         return math.sqrt(scale) * gradients.detach().unsqueeze(0)
-    gradients = sampled_output_gradients(spec, output, generator, num_samples)
-    scale = per_example_scale(spec, output) / num_samples * weight
-    if mean:
-        scale /= n
-    return math.sqrt(scale) * gradients
+    gradients = sampled_output_gradients(spec, output, batch.targets, generator, num_samples)
+    return math.sqrt(scale / num_samples) * gradients

@@ -40,17 +40,15 @@ class EKFACOperator(KFACOperator):
         for block in self._blocks:
             block.spectrum = stats[f"S {block.layer.name} {block.group}"]
 
-    def _correction_statistics(
-        self, state: Any, batch: Any, weight: float
-    ) -> dict[str, torch.Tensor]:
+    def _correction_statistics(self, batch: Any, scale: float) -> dict[str, torch.Tensor]:
         stats: dict[str, torch.Tensor] = {}
         layers = [layer for layer in self._layers if not layer.is_norm]
         by_layer: dict[str, list] = {}
         for block in self._blocks:
             by_layer.setdefault(block.layer.name, []).append(block)
-        columns = self._columns(batch, weight, "shared")
+        columns = self._columns(batch, scale, "shared")
         features: dict[str, list[torch.Tensor]] = {}
-        for inputs, grads in self._per_column(state, batch, layers, columns):
+        for inputs, grads in self._per_column(batch, layers, columns):
             for layer in layers:
                 x = inputs[layer.name]
                 if isinstance(layer.module, nn.Embedding):

@@ -11,13 +11,15 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from .._checks import check_choice, check_int
-from ._kfac_capture import capture, find_layers, layer_grads, layer_inputs, miscalled
+from ._kfac_capture import capture, find_layers, miscalled
 from ._kronecker import layer_from_matrix
 from ._layer_pass import (
     CHUNK_ENTRIES,
+    diagonal_squares,
     embedding_gradient_squares,
-    example_gradient_squares,
+    finish_diagonal_squares,
     norm_statistics,
+    raw_inputs,
 )
 from ._statistics import statistics_pass
 from .data import Batch, slice_examples
@@ -98,6 +100,7 @@ class GGNDiagonalOperator(_LayerOperator):
         self._kind, self._num_samples = kind, num_samples
         self._options.update(kind=kind, num_samples=num_samples, seed=seed)
         self._layers, self._generic = find_layers(model, self._names, func, strict=False)
+        self._by_name = {layer.name: layer for layer in self._layers}
         self._values: torch.Tensor | None = None
         self._vmap_examples = True
         self._calls_checked = False
@@ -107,9 +110,9 @@ class GGNDiagonalOperator(_LayerOperator):
         return self._kind
 
     # -- computing the diagonal ----------------------------------------------------------------
-    def _batch_statistics(self, state: Any, batch: Any, weight: float) -> dict[str, torch.Tensor]:
+    def _batch_statistics(self, batch: Any, scale: float) -> dict[str, torch.Tensor]:
         saved: list[torch.Tensor] = []
-        columns = self._columns(batch, weight, "exact", self._num_samples)
+        columns = self._columns(batch, scale, "exact", self._num_samples)
 
         def keep(output: torch.Tensor) -> torch.Tensor:
             if not saved:
@@ -117,23 +120,30 @@ class GGNDiagonalOperator(_LayerOperator):
             return saved[0]
 
         stats: dict[str, torch.Tensor] = {}
+        raw: dict[str, Any] = {}
         if self._layers:
-            for inputs, grads in self._per_column(state, batch, self._layers, keep):
+            for inputs, grads in self._per_column(batch, self._layers, keep):
                 for layer in self._layers:
-                    _add(stats, _layer_squares(layer, inputs[layer.name], grads[layer.name]))
+                    x = inputs[layer.name]
+                    kronecker = not (layer.is_norm or isinstance(layer.module, nn.Embedding))
+                    if kronecker and layer.name not in raw:
+                        raw[layer.name] = raw_inputs(layer, x)
+                    _add(stats, _layer_squares(layer, x, grads[layer.name], raw.get(layer.name)))
+            for name, inputs in raw.items():
+                finish_diagonal_squares(self._by_name[name], inputs, stats)
         if self._generic and not saved:
             with torch.no_grad():
-                keep(self._output_of(state, batch)(state.theta))
+                keep(self._forward(batch, self._leaves()))
         if self._generic:
-            stats["generic"] = self._generic_squares(state, batch, saved[0])
+            stats["generic"] = self._generic_squares(batch, saved[0])
         return stats
 
-    def _per_column(self, state: Any, batch: Any, layers: list, columns: Callable):
+    def _per_column(self, batch: Any, layers: list, columns: Callable):
         """As in KFAC, but layers not called exactly once move to the per-example path."""
         if not self._calls_checked:  # once, on the first batch
             self._calls_checked = True
             with torch.no_grad(), capture(layers) as records:
-                self._output_of(state, batch)(state.theta)
+                self._forward(batch, self._leaves())
             bad = miscalled(records)
         else:
             bad = []
@@ -145,35 +155,35 @@ class GGNDiagonalOperator(_LayerOperator):
             layers = self._layers
             if not layers:
                 return
-        yield from super()._per_column(state, batch, layers, columns)
+        yield from super()._per_column(batch, layers, columns)
 
-    def _generic_squares(self, state: Any, batch: Any, columns: torch.Tensor) -> torch.Tensor:
+    def _generic_squares(self, batch: Any, columns: torch.Tensor) -> torch.Tensor:
         """``Σ_n Σ_c (J_nᵀ c_nc)²`` over the generic parameters, by per-example VJPs."""
-        shapes = self._param_shapes
-        chosen = [name in self._generic for name in self._names]
-        pieces = list(state.theta.split([shapes[n].numel() for n in self._names]))
-        generic = torch.cat([p for p, c in zip(pieces, chosen, strict=True) if c])
-
-        sizes = [p.numel() for p, c in zip(pieces, chosen, strict=True) if c]
-
-        def full(theta_generic: torch.Tensor) -> torch.Tensor:
-            parts = iter(theta_generic.split(sizes))
-            return torch.cat([next(parts) if c else p for p, c in zip(pieces, chosen, strict=True)])
+        leaves = [leaf.detach() for leaf in self._leaves()]
+        chosen = [i for i, name in enumerate(self._names) if name in set(self._generic)]
 
         def one(inputs: Any, cols: torch.Tensor) -> torch.Tensor:
             single = Batch(batch.index, _unsqueeze(inputs), None, 1)
-            output_fn = self._output_of(state, single)
-            _, pull = vjp(lambda t: output_fn(full(t))[0], generic)
-            return (vmap(lambda c: pull(c)[0])(cols) ** 2).sum(dim=0)
+
+            def output(*pieces: torch.Tensor) -> torch.Tensor:
+                tensors = list(leaves)
+                for i, piece in zip(chosen, pieces, strict=True):
+                    tensors[i] = piece
+                return self._forward(single, tensors)[0]
+
+            _, pull = vjp(output, *[leaves[i] for i in chosen])
+            flat = vmap(lambda c: torch.cat([g.reshape(-1) for g in pull(c)]))(cols)
+            return (flat**2).sum(dim=0)
 
         per_example = columns.transpose(0, 1)  # (n, k, *output)
-        chunk = max(1, CHUNK_ENTRIES // max(columns.shape[0] * generic.numel(), 1))
+        size = sum(leaves[i].numel() for i in chosen)
+        chunk = max(1, CHUNK_ENTRIES // max(columns.shape[0] * size, 1))
         if self._vmap_examples:
             try:
                 return vmap(one, chunk_size=chunk)(batch.inputs, per_example).sum(dim=0)
             except (RuntimeError, NotImplementedError, ValueError):
                 self._vmap_examples = False
-        total = torch.zeros_like(generic)
+        total = torch.zeros(size, dtype=self.dtype, device=self.device)
         for n in range(batch.size):
             inputs = slice_examples(batch.inputs, n, n + 1)
             total += one(_squeeze(inputs), per_example[n])
@@ -187,10 +197,12 @@ class GGNDiagonalOperator(_LayerOperator):
                 for name, shape in self._param_shapes.items()
             }
             for layer in self._layers:
-                for key, value in stats.items():
-                    if key.startswith(f"D {layer.name} "):
-                        group = int(key.rsplit(" ", 1)[1])
-                        layer_from_matrix(layer, group, value.unsqueeze(0), out)
+                for group in range(layer.groups if not layer.is_norm else 0):
+                    parts = [stats.get(f"{kind} {layer.name} {group}") for kind in "WBD"]
+                    if parts[1] is not None:
+                        parts[1] = parts[1][:, None]
+                    matrix = torch.cat([p for p in parts if p is not None], dim=1)
+                    layer_from_matrix(layer, group, matrix.unsqueeze(0), out)
                 for name in (layer.weight, layer.bias) if layer.is_norm else ():
                     if name is not None:
                         out[name] = stats[name].reshape(out[name].shape)
@@ -217,14 +229,13 @@ class GGNDiagonalOperator(_LayerOperator):
         return self._ensure().clone()
 
 
-def _layer_squares(layer: Any, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+def _layer_squares(layer: Any, x: torch.Tensor, grad: torch.Tensor, raw: Any) -> dict:
     """One column's ``Σ_n (per-example gradient)²`` for one recorded layer."""
     if layer.is_norm:
         return norm_statistics(layer, x, grad)
     if isinstance(layer.module, nn.Embedding):
         return {f"D {layer.name} 0": embedding_gradient_squares(layer, x, grad, None)}
-    pairs = zip(layer_grads(layer, grad), layer_inputs(layer, x), strict=True)
-    return {f"D {layer.name} {i}": example_gradient_squares(g, a) for i, (g, a) in enumerate(pairs)}
+    return diagonal_squares(layer, raw, grad)
 
 
 def _unsqueeze(inputs: Any) -> Any:

@@ -10,6 +10,7 @@ from torch import nn
 
 from .._checks import check_choice, check_int, value_error
 from .._random import make_generator
+from ..derivatives import kernel
 from ._kfac_capture import find_layers
 from ._kronecker import DiagonalFactor, KroneckerBlock, KroneckerFactor
 from ._layer_pass import (
@@ -23,6 +24,7 @@ from ._loss_sqrt import output_columns
 from ._statistics import statistics_pass
 from ._structured import StructuredOperator
 from .distributed import rank_and_world_size
+from .losses import loss_hessian_matmat
 from .model import _ModelOperator
 
 _FISHERS = ("ggn", "monte_carlo", "empirical")
@@ -60,15 +62,15 @@ class _LayerOperator(StructuredOperator, _ModelOperator):
         rank, _ = rank_and_world_size()
         self._generator = make_generator(self._seed + 1_000_003 * rank)
 
-    def _columns(self, batch: Any, weight: float, positions: str, num_samples: int = 1):
+    def _columns(self, batch: Any, scale: float, positions: str, num_samples: int = 1):
         def columns(output: torch.Tensor) -> torch.Tensor:
             return output_columns(
                 self._loss_spec,
-                self._loss_fn,
                 output,
-                batch.targets,
+                batch,
                 fisher=self._fisher,
-                weight=weight,
+                scale=scale,
+                hessian_matmat=lambda block: self._hessian_matmat(batch, output, block),
                 generator=self._generator,
                 num_samples=num_samples,
                 positions=positions,
@@ -76,13 +78,22 @@ class _LayerOperator(StructuredOperator, _ModelOperator):
 
         return columns
 
-    def _per_column(self, state: Any, batch: Any, layers: list, columns: Callable):
+    def _hessian_matmat(
+        self, batch: Any, output: torch.Tensor, block: torch.Tensor
+    ) -> torch.Tensor:
+        """``(∂²S_b/∂f²) U``: closed form where there is one, else by autograd on the output."""
+        output = output.detach()
+        closed = loss_hessian_matmat(self._loss_spec, output, batch.targets, batch.size, block)
+        if closed is not None:
+            return closed
+        return kernel.output_hessian_matmat(lambda out: self._batch_loss(batch, out), output, block)
+
+    def _per_column(self, batch: Any, layers: list, columns: Callable):
         """``(inputs, grads)`` per column, copying layer outputs if an in-place op follows."""
         while True:
             try:
                 steps = forward_backward(
-                    self._output_of(state, batch),
-                    state.theta,
+                    lambda: self._forward(batch, self._leaves()),
                     layers,
                     columns,
                     self._func,
@@ -218,11 +229,11 @@ class KFACOperator(_LayerOperator):
         return out
 
     # -- computing the factors -----------------------------------------------------------------
-    def _batch_statistics(self, state: Any, batch: Any, weight: float) -> dict[str, torch.Tensor]:
+    def _batch_statistics(self, batch: Any, scale: float) -> dict[str, torch.Tensor]:
         stats: dict[str, torch.Tensor] = {}
-        columns = self._columns(batch, weight, "shared")
+        columns = self._columns(batch, scale, "shared")
         first = True
-        for inputs, grads in self._per_column(state, batch, self._layers, columns):
+        for inputs, grads in self._per_column(batch, self._layers, columns):
             for layer in self._layers:
                 x, g = inputs[layer.name], grads[layer.name]
                 if layer.is_norm:
