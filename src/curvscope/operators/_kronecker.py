@@ -11,6 +11,7 @@ so ``(K + λI)⁻¹ = (Q_G ⊗ Q_A) diag(1 / (S + λ)) (Q_G ⊗ Q_A)ᵀ`` exactl
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -69,23 +70,31 @@ def layer_from_matrix(
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (clamped at 0: the factors are PSD) and eigenvectors, with a canonical basis
-    of the null space: eigh's basis there is arbitrary and changes with roundoff (e.g. with the
-    batching), which would change EKFAC's re-fitted diagonal. The null-space basis is rotated to
-    the eigenvectors of ``P diag(1, ..., 2) P`` (P the projector onto it), unique up to signs."""
+    in every eigenspace of (numerically) equal eigenvalues, e.g. the null space of a factor
+    from fewer examples than its size: eigh's basis there is arbitrary and changes with
+    round-off (with the batching, say), which would change EKFAC's re-fitted diagonal. Such a
+    basis is rotated to the eigenvectors of ``P diag(1, ..., 2) P`` (P the projector onto the
+    eigenspace), unique up to signs; its eigenvalues are set to their mean (0 for the null
+    space: eigenvalues below ``100 · size · eps · λ_max`` are round-off)."""
     values, vectors = torch.linalg.eigh(matrix)
     values = values.clamp_min(0)
     size = values.numel()
-    if size == 0:
+    if size < 2:
         return values, vectors
-    tol = values.max() * size * 100 * torch.finfo(values.dtype).eps
-    null = values <= tol
-    if int(null.sum()) > 1:
-        basis = vectors[:, null]
-        generic = torch.linspace(1.0, 2.0, size, dtype=matrix.dtype, device=matrix.device)
+    tol = float(values.max()) * size * 100 * torch.finfo(values.dtype).eps
+    values = torch.where(values <= tol, torch.zeros_like(values), values)  # exact null space
+    gaps = (values[1:] - values[:-1]) > tol
+    starts = [0, *(torch.nonzero(gaps).reshape(-1) + 1).tolist(), size]
+    generic = torch.linspace(1.0, 2.0, size, dtype=matrix.dtype, device=matrix.device)
+    for start, stop in itertools.pairwise(starts):
+        if stop - start < 2:
+            continue
+        basis = vectors[:, start:stop]
         _, rotation = torch.linalg.eigh(basis.T @ (generic[:, None] * basis))
         vectors = vectors.clone()
-        vectors[:, null] = basis @ rotation
-        values = torch.where(null, torch.zeros_like(values), values)
+        vectors[:, start:stop] = basis @ rotation
+        values = values.clone()
+        values[start:stop] = values[start:stop].mean()
     return values, vectors
 
 

@@ -57,6 +57,9 @@ class GGNDiagonalOperator(_LayerOperator):
         seed: seed of the label sampling for "monte_carlo".
         progress: show a progress bar over batches.
         reduction: "mean" or "sum" for plain-callable losses (read from nn loss modules).
+        eval_mode: True or None (default: eval mode, warning if the model is in training mode
+            with dropout or batch norm); False keeps the model's mode, refused while a BatchNorm
+            is in training mode (its batch statistics couple the examples).
         check_deterministic: on first use, check that two passes give the same batches.
 
     Example:
@@ -80,6 +83,7 @@ class GGNDiagonalOperator(_LayerOperator):
         seed: int = 0,
         progress: bool = False,
         reduction: str | None = None,
+        eval_mode: bool | None = None,
         check_deterministic: bool = True,
     ) -> None:
         func = type(self).__name__
@@ -95,6 +99,7 @@ class GGNDiagonalOperator(_LayerOperator):
             reduction=reduction,
             max_batch_size=max_batch_size,
             progress=progress,
+            eval_mode=eval_mode,
             check_deterministic=check_deterministic,
         )
         self._kind, self._num_samples = kind, num_samples

@@ -53,6 +53,22 @@ class _LayerOperator(StructuredOperator, _ModelOperator):
                 loss_fn,
                 "Use the exact GGN ('ggn'/'exact') or the empirical Fisher for other losses.",
             )
+        if options.get("eval_mode") is False:
+            training = [
+                name
+                for name, module in model.named_modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+            ]
+            if training:
+                raise value_error(
+                    self._func,
+                    "eval_mode",
+                    f"True or None for a model whose BatchNorm layers {training} are in "
+                    "training mode",
+                    False,
+                    "Their batch statistics couple the examples, which this operator treats "
+                    "one by one; call model.eval() or pass eval_mode=True.",
+                )
         self._fisher, self._seed = fisher, seed
         self._generator: torch.Generator | None = None
         self._copy_outputs = False
@@ -154,6 +170,9 @@ class KFACOperator(_LayerOperator):
         seed: seed of the label sampling for "monte_carlo".
         progress: show a progress bar over batches.
         reduction: "mean" or "sum" for plain-callable losses (read from nn loss modules).
+        eval_mode: True or None (default: eval mode, warning if the model is in training mode
+            with dropout or batch norm); False keeps the model's mode, refused while a BatchNorm
+            is in training mode (its batch statistics couple the examples).
         check_deterministic: on first use, check that two passes give the same batches.
 
     Example:
@@ -181,6 +200,7 @@ class KFACOperator(_LayerOperator):
         seed: int = 0,
         progress: bool = False,
         reduction: str | None = None,
+        eval_mode: bool | None = None,
         check_deterministic: bool = True,
     ) -> None:
         super().__init__(
@@ -193,6 +213,7 @@ class KFACOperator(_LayerOperator):
             reduction=reduction,
             max_batch_size=max_batch_size,
             progress=progress,
+            eval_mode=eval_mode,
             check_deterministic=check_deterministic,
         )
         check_choice(self._func, "approx", approx, _APPROX)
