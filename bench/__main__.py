@@ -31,6 +31,7 @@ def _cases():
         *cases_estimators.CASES,
         *LANCZOS_SCALE,
         *cases_analyze.CASES,
+        *__import__("bench.cases_structured", fromlist=["CASES"]).CASES,
     ]
 
 

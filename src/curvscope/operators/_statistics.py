@@ -18,12 +18,16 @@ from .distributed import all_reduce_sum, is_main_process
 
 
 def statistics_pass(
-    op: Any, batch_fn: Callable[[Batch, float], dict[str, torch.Tensor]]
+    op: Any,
+    batch_fn: Callable[[Batch, float], dict[str, torch.Tensor]],
+    shapes: dict[str, tuple[int, ...]],
 ) -> dict[str, torch.Tensor]:
     """``Σ_b batch_fn(batch, c)`` over the local data, then one all-reduce of everything.
 
     ``c`` is the dataset's loss normalisation (``1/Z`` for a mean, 1 for a sum); ``batch_fn``
-    applies it where it belongs (in the output-space columns).
+    applies it where it belongs (in the output-space columns). ``shapes`` names every statistic
+    and its shape, so that every process (also one whose shard is empty) reduces the same
+    tensor.
     """
     op._setup()
     totals: dict[str, torch.Tensor] = {}
@@ -40,7 +44,13 @@ def statistics_pass(
                 else:
                     totals[key] = value.clone()
             advance()
-    keys = list(totals)
+    unexpected = sorted(set(totals) - set(shapes))
+    if unexpected:  # pragma: no cover - a bug, not a user error
+        raise RuntimeError(f"curvscope.{op._func}: unexpected statistics {unexpected}")
+    for key, shape in shapes.items():
+        if key not in totals:
+            totals[key] = torch.zeros(shape, dtype=op.dtype, device=op.device)
+    keys = list(shapes)
     flat = torch.zeros(0, dtype=op.dtype, device=op.device)
     if keys:
         flat = torch.cat([totals[key].reshape(-1).to(op.dtype) for key in keys])

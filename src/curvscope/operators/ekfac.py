@@ -36,7 +36,10 @@ class EKFACOperator(KFACOperator):
     """
 
     def _after_factors(self) -> None:
-        stats = statistics_pass(self, self._correction_statistics)
+        shapes = {
+            f"S {b.layer.name} {b.group}": (b.layer.rows(), b.layer.columns()) for b in self._blocks
+        }
+        stats = statistics_pass(self, self._correction_statistics, shapes)
         for block in self._blocks:
             block.spectrum = stats[f"S {block.layer.name} {block.group}"]
 

@@ -108,7 +108,6 @@ class GGNDiagonalOperator(_LayerOperator):
         self._by_name = {layer.name: layer for layer in self._layers}
         self._values: torch.Tensor | None = None
         self._vmap_examples = True
-        self._calls_checked = False
 
     @property
     def kind(self) -> str:
@@ -143,24 +142,20 @@ class GGNDiagonalOperator(_LayerOperator):
             stats["generic"] = self._generic_squares(batch, saved[0])
         return stats
 
-    def _per_column(self, batch: Any, layers: list, columns: Callable):
-        """As in KFAC, but layers not called exactly once move to the per-example path."""
-        if not self._calls_checked:  # once, on the first batch
-            self._calls_checked = True
-            with torch.no_grad(), capture(layers) as records:
-                self._forward(batch, self._leaves())
-            bad = miscalled(records)
-        else:
-            bad = []
-        if bad:
-            moved = [layer for layer in layers if layer.name in bad]
-            self._layers = [layer for layer in layers if layer.name not in bad]
-            names = {n for layer in moved for n in (layer.weight, layer.bias) if n}
-            self._generic = [n for n in self._names if n in names or n in self._generic]
-            layers = self._layers
-            if not layers:
-                return
-        yield from super()._per_column(batch, layers, columns)
+    def _check_calls(self) -> None:
+        """Layers not called exactly once (e.g. attention's out_proj, which
+        nn.MultiheadAttention uses directly) move to the per-example path: checked on the
+        first batch, before the pass."""
+        self._setup()
+        batch = next(iter(self._pass.batches()), None)
+        if batch is None or not self._layers:
+            return
+        with self._guard(), torch.no_grad(), capture(self._layers) as records:
+            self._forward(batch, self._leaves())
+        bad = set(miscalled(records))
+        moved = {n for x in self._layers if x.name in bad for n in (x.weight, x.bias)}
+        self._layers = [layer for layer in self._layers if layer.name not in bad]
+        self._generic = [n for n in self._names if n in moved or n in self._generic]
 
     def _generic_squares(self, batch: Any, columns: torch.Tensor) -> torch.Tensor:
         """``Σ_n Σ_c (J_nᵀ c_nc)²`` over the generic parameters, by per-example VJPs."""
@@ -194,9 +189,31 @@ class GGNDiagonalOperator(_LayerOperator):
             total += one(_squeeze(inputs), per_example[n])
         return total
 
+    def _statistic_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every statistic a batch can give, by key (the layers as of the first batch)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in self._layers:
+            if layer.is_norm:
+                for name in (layer.weight, layer.bias):
+                    if name is not None:
+                        shapes[name] = (self._param_shapes[name].numel(),)
+            elif isinstance(layer.module, nn.Embedding):
+                shapes[f"D {layer.name} 0"] = (layer.rows(), layer.columns())
+            else:
+                for group in range(layer.groups):
+                    width = layer.columns() - (layer.bias is not None)
+                    if layer.weight is not None:
+                        shapes[f"W {layer.name} {group}"] = (layer.rows(), width)
+                    if layer.bias is not None:
+                        shapes[f"B {layer.name} {group}"] = (layer.rows(),)
+        if self._generic:
+            shapes["generic"] = (sum(self._param_shapes[n].numel() for n in self._generic),)
+        return shapes
+
     def _ensure(self) -> torch.Tensor:
         if self._values is None:
-            stats = statistics_pass(self, self._batch_statistics)
+            self._check_calls()
+            stats = statistics_pass(self, self._batch_statistics, self._statistic_shapes())
             out = {
                 name: torch.zeros(1, *shape, dtype=self.dtype, device=self.device)
                 for name, shape in self._param_shapes.items()

@@ -270,7 +270,7 @@ class KFACOperator(_LayerOperator):
 
     def _ensure(self) -> list[KroneckerBlock]:
         if self._blocks is None:
-            stats = statistics_pass(self, self._batch_statistics)
+            stats = statistics_pass(self, self._batch_statistics, self._factor_shapes())
             blocks = []
             for layer in self._layers:
                 if layer.is_norm:
@@ -284,6 +284,21 @@ class KFACOperator(_LayerOperator):
             self._blocks = blocks
             self._after_factors()
         return self._blocks
+
+    def _factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in self._layers:
+            if layer.is_norm:
+                for name in (layer.weight, layer.bias):
+                    if name is not None:
+                        shapes[name] = (self._param_shapes[name].numel(),)
+                continue
+            rows, cols = layer.rows(), layer.columns()
+            diagonal = isinstance(layer.module, nn.Embedding)
+            for group in range(layer.groups):
+                shapes[f"A {layer.name} {group}"] = (cols,) if diagonal else (cols, cols)
+                shapes[f"G {layer.name} {group}"] = (rows, rows)
+        return shapes
 
     def _after_factors(self) -> None:
         """Hook for EKFAC: re-fit the eigenvalues after the factors exist."""
