@@ -75,13 +75,20 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     round-off (with the batching, say), which would change EKFAC's re-fitted diagonal. Such a
     basis is rotated to the eigenvectors of ``P diag(1, ..., 2) P`` (P the projector onto the
     eigenspace), unique up to signs; its eigenvalues are set to their mean (0 for the null
-    space: eigenvalues below ``100 · size · eps · λ_max`` are round-off)."""
+    space: eigenvalues below ``size · eps · λ_max`` are round-off). Computed in float64 (and
+    returned in the factor's dtype), so that float32 factors lose no accuracy here."""
+    dtype = matrix.dtype
+    values, vectors = _eigh64(matrix.to(torch.float64))
+    return values.to(dtype), vectors.to(dtype)
+
+
+def _eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(matrix)
     values = values.clamp_min(0)
     size = values.numel()
     if size < 2:
         return values, vectors
-    tol = float(values.max()) * size * 100 * torch.finfo(values.dtype).eps
+    tol = float(values.max()) * size * torch.finfo(values.dtype).eps
     values = torch.where(values <= tol, torch.zeros_like(values), values)  # exact null space
     gaps = (values[1:] - values[:-1]) > tol
     starts = [0, *(torch.nonzero(gaps).reshape(-1) + 1).tolist(), size]

@@ -24,7 +24,7 @@ from ._kfac_capture import (
 )
 
 #: Per-example gradients are formed in chunks of at most this many entries.
-CHUNK_ENTRIES = 2**24
+CHUNK_ENTRIES = 2**22
 
 
 def check_output(output: object, func: str) -> None:
@@ -43,9 +43,10 @@ def forward_backward(
     func: str,
     copy_outputs: bool,
 ):
-    """Yield ``(inputs, grads)`` per column: each layer's raw input and ``Jᵀ column`` at its
-    output, from one forward pass (``forward()``, with a graph) and one backward pass per
-    column. Raises ``InPlaceOutput`` if a layer output was modified in place (retry with
+    """Yield ``(inputs, None)`` after one forward pass (``forward()``, with a graph), so that
+    input statistics are taken before any gradient exists, then ``(inputs, grads)`` per column:
+    each layer's raw input and ``Jᵀ column`` at its output, one backward pass per column.
+    Raises ``InPlaceOutput`` if a layer output was modified in place (retry with
     ``copy_outputs=True``)."""
     with torch.enable_grad(), capture(layers, copy_outputs) as records:
         output = forward()
@@ -53,6 +54,7 @@ def forward_backward(
     if check_records(records, func) and not copy_outputs:
         raise InPlaceOutput
     inputs = {name: record.inputs[0] for name, record in records.items()}
+    yield inputs, None
     for column in columns_fn(output):
         yield inputs, output_gradients(output, records, column)
 
@@ -122,6 +124,34 @@ def norm_statistics(layer: Layer, x: torch.Tensor, grad: torch.Tensor) -> dict[s
     names = [name for name in (layer.weight, layer.bias) if name is not None]
     grads = norm_example_grads(layer, x, grad)
     return {name: (g**2).sum(dim=0) for name, g in zip(names, grads, strict=True)}
+
+
+def rotated_inputs(
+    layer: Layer, x: torch.Tensor, rotations: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``ā Q_A`` per group (n, R, d_in) from the raw inputs, without the augmented copy:
+    ``ā Q = a Q[:d] + Q[d]`` (the constant 1 of the bias)."""
+    groups, columns = raw_inputs(layer, x)
+    out = []
+    for features, rotation in zip(groups, rotations, strict=True):
+        rows = features.transpose(1, 2) if columns else features  # (n, R, d), a view
+        width = rows.shape[-1] if layer.weight is not None else 0
+        if width:
+            rotated = rows @ rotation[:width]
+            if layer.bias is not None:
+                rotated = rotated + rotation[width]
+        else:
+            rotated = rotation[0].expand(*rows.shape[:-1], rotation.shape[1])
+        out.append(rotated)
+    return out
+
+
+def rotated_squares(grads: torch.Tensor, rotated: torch.Tensor) -> torch.Tensor:
+    """``Σ_n (Σ_r g_nr ā_nrᵀ)²`` (d_out, d_in) for rotated ``grads`` (n, R, d_out) and inputs
+    ``rotated`` (n, R, d_in); per-example products in chunks."""
+    if grads.shape[1] == 1:
+        return (grads[:, 0] ** 2).T @ (rotated[:, 0] ** 2)
+    return _weight_squares(grads, rotated, columns=False)
 
 
 def example_gradient_squares(

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._kfac_capture import layer_grads, layer_inputs
-from ._layer_pass import embedding_gradient_squares, example_gradient_squares
+from ._kfac_capture import layer_grads
+from ._layer_pass import embedding_gradient_squares, rotated_inputs, rotated_squares
 from ._statistics import statistics_pass
 from .kfac import KFACOperator, _add
 
@@ -50,22 +50,21 @@ class EKFACOperator(KFACOperator):
         for block in self._blocks:
             by_layer.setdefault(block.layer.name, []).append(block)
         columns = self._columns(batch, scale, "shared")
-        features: dict[str, list[torch.Tensor]] = {}
+        rotated: dict[str, list[torch.Tensor]] = {}
         for inputs, grads in self._per_column(batch, layers, columns):
             for layer in layers:
-                x = inputs[layer.name]
+                x, blocks = inputs[layer.name], by_layer[layer.name]
                 if isinstance(layer.module, nn.Embedding):
-                    q_g = by_layer[layer.name][0].eigen()[2]
-                    squares = embedding_gradient_squares(layer, x, grads[layer.name], q_g)
-                    _add(stats, {f"S {layer.name} 0": squares})
-                    continue
-                if layer.name not in features:
-                    features[layer.name] = layer_inputs(layer, x)
-                pairs = zip(
-                    layer_grads(layer, grads[layer.name]), features[layer.name], strict=True
-                )
-                for block, (g, a) in zip(by_layer[layer.name], pairs, strict=True):
-                    q_a, _, q_g, _ = block.eigen()
-                    squares = example_gradient_squares(g, a, q_g, q_a)
-                    _add(stats, {f"S {layer.name} {block.group}": squares})
+                    if grads is not None:
+                        q_g = blocks[0].eigen()[2]
+                        squares = embedding_gradient_squares(layer, x, grads[layer.name], q_g)
+                        _add(stats, {f"S {layer.name} 0": squares})
+                elif grads is None:  # rotate the inputs once per batch
+                    rotated[layer.name] = rotated_inputs(layer, x, [b.eigen()[0] for b in blocks])
+                else:
+                    grouped = layer_grads(layer, grads[layer.name])
+                    pairs = zip(grouped, rotated[layer.name], strict=True)
+                    for block, (g, a) in zip(blocks, pairs, strict=True):
+                        squares = rotated_squares(g @ block.eigen()[2], a)
+                        _add(stats, {f"S {layer.name} {block.group}": squares})
         return stats

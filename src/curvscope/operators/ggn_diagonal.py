@@ -129,10 +129,11 @@ class GGNDiagonalOperator(_LayerOperator):
             for inputs, grads in self._per_column(batch, self._layers, keep):
                 for layer in self._layers:
                     x = inputs[layer.name]
-                    kronecker = not (layer.is_norm or isinstance(layer.module, nn.Embedding))
-                    if kronecker and layer.name not in raw:
+                    if grads is not None:
+                        squares = _layer_squares(layer, x, grads[layer.name], raw.get(layer.name))
+                        _add(stats, squares)
+                    elif not (layer.is_norm or isinstance(layer.module, nn.Embedding)):
                         raw[layer.name] = raw_inputs(layer, x)
-                    _add(stats, _layer_squares(layer, x, grads[layer.name], raw.get(layer.name)))
             for name, inputs in raw.items():
                 finish_diagonal_squares(self._by_name[name], inputs, stats)
         if self._generic and not saved:

@@ -253,19 +253,18 @@ class KFACOperator(_LayerOperator):
     def _batch_statistics(self, batch: Any, scale: float) -> dict[str, torch.Tensor]:
         stats: dict[str, torch.Tensor] = {}
         columns = self._columns(batch, scale, "shared")
-        first = True
         for inputs, grads in self._per_column(batch, self._layers, columns):
             for layer in self._layers:
-                x, g = inputs[layer.name], grads[layer.name]
-                if layer.is_norm:
-                    _add(stats, norm_statistics(layer, x, g))
-                    continue
-                if first:
-                    pieces = input_statistics(layer, x, self._approx)
-                    _add(stats, {f"A {layer.name} {i}": a for i, a in enumerate(pieces)})
-                pieces = output_statistics(layer, g, self._approx)
-                _add(stats, {f"G {layer.name} {i}": a for i, a in enumerate(pieces)})
-            first = False
+                x = inputs[layer.name]
+                if grads is None:  # after the forward pass, before any backward pass
+                    if not layer.is_norm:
+                        pieces = input_statistics(layer, x, self._approx)
+                        _add(stats, {f"A {layer.name} {i}": a for i, a in enumerate(pieces)})
+                elif layer.is_norm:
+                    _add(stats, norm_statistics(layer, x, grads[layer.name]))
+                else:
+                    pieces = output_statistics(layer, grads[layer.name], self._approx)
+                    _add(stats, {f"G {layer.name} {i}": a for i, a in enumerate(pieces)})
         return stats
 
     def _ensure(self) -> list[KroneckerBlock]:
