@@ -3,6 +3,7 @@ trace and diagonal against torch.linalg on to_dense(); the GGN diagonal on the m
 diagonals; batching invariance, no side effects, estimators, and every bad-input message."""
 
 import copy
+import importlib
 import importlib.util
 import math
 
@@ -332,3 +333,12 @@ def test_kfac_matches_curvlinops_on_a_small_cnn():  # pragma: no cover - peer en
     )
     theirs = theirs @ torch.eye(ours.shape[0], dtype=DTYPE)
     _close(ours, torch.as_tensor(theirs), 1e-9)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "ggn_diagonal", "block_diagonal"])
+def test_docstring_examples(name):
+    import doctest
+
+    module = importlib.import_module(f"curvscope.operators.{name}")
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
