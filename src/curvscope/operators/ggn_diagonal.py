@@ -67,8 +67,8 @@ class GGNDiagonalOperator(_LayerOperator):
         >>> model = torch.nn.Linear(1, 1).double()
         >>> data = (torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
         >>> D = curvscope.GGNDiagonalOperator(model, torch.nn.MSELoss(), data)
-        >>> D.diagonal()["weight"].round(decimals=12)  # (2/2) (1² + 2²), as GGNOperator
-        tensor([[5.]], dtype=torch.float64)
+        >>> round(D.diagonal()["weight"].item(), 12)  # (2/2) (1² + 2²), as GGNOperator
+        5.0
     """
 
     def __init__(

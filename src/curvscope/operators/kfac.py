@@ -180,9 +180,8 @@ class KFACOperator(_LayerOperator):
         >>> model = torch.nn.Linear(1, 1).double()
         >>> data = (torch.tensor([[2.0]], dtype=torch.float64), torch.zeros(1, 1))
         >>> K = curvscope.KFACOperator(model, torch.nn.MSELoss(), data)
-        >>> K.to_dense().round(decimals=12)  # 2 [2, 1]ᵀ[2, 1]: the exact GGN for a single datum
-        tensor([[8., 4.],
-                [4., 2.]], dtype=torch.float64)
+        >>> K.to_dense().round(decimals=12).tolist()  # 2 [2, 1]ᵀ[2, 1]: the exact GGN here
+        [[8.0, 4.0], [4.0, 2.0]]
         >>> round(K.logdet(damping=1.0), 6)  # log((1 + 10) · 1)
         2.397895
     """
