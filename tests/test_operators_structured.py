@@ -165,6 +165,24 @@ def test_ggn_diagonal_on_the_structured_zoo_and_sequence_outputs():
     _close(diag @ torch.ones(diag.shape[0], dtype=DTYPE), torch.diagonal(dense), 1e-10)
 
 
+def test_ggn_diagonal_of_an_lstm_where_vmap_fails_loops_over_examples():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Net().to(DTYPE)
+    x = torch.randn(5, 6, 3, generator=_gen(11), dtype=DTYPE)
+    y = torch.randint(0, 2, (5,), generator=_gen(12))
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    dense = curvscope.GGNOperator(model, nn.CrossEntropyLoss(), data).to_dense()
+    op = curvscope.GGNDiagonalOperator(model, nn.CrossEntropyLoss(), data)
+    _close(op @ torch.ones(op.shape[0], dtype=DTYPE), torch.diagonal(dense), 1e-10)
+
+
 def test_ggn_diagonal_other_losses_via_autograd_loss_hessian():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
     x = torch.randn(6, 3, generator=_gen(6), dtype=DTYPE)
