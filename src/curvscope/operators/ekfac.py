@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ._kfac_capture import layer_grads
+from ._layer_operator import add_statistics
 from ._layer_pass import embedding_gradient_squares, rotated_inputs, rotated_squares
 from ._statistics import statistics_pass
-from .kfac import KFACOperator, _add
+from .kfac import KFACOperator
 
 
 class EKFACOperator(KFACOperator):
@@ -58,7 +59,7 @@ class EKFACOperator(KFACOperator):
                     if grads is not None:
                         q_g = blocks[0].eigen()[2]
                         squares = embedding_gradient_squares(layer, x, grads[layer.name], q_g)
-                        _add(stats, {f"S {layer.name} 0": squares})
+                        add_statistics(stats, {f"S {layer.name} 0": squares})
                 elif grads is None:  # rotate the inputs once per batch
                     rotated[layer.name] = rotated_inputs(layer, x, [b.eigen()[0] for b in blocks])
                 else:
@@ -66,5 +67,5 @@ class EKFACOperator(KFACOperator):
                     pairs = zip(grouped, rotated[layer.name], strict=True)
                     for block, (g, a) in zip(blocks, pairs, strict=True):
                         squares = rotated_squares(g @ block.eigen()[2], a)
-                        _add(stats, {f"S {layer.name} {block.group}": squares})
+                        add_statistics(stats, {f"S {layer.name} {block.group}": squares})
         return stats

@@ -13,6 +13,7 @@ from torch.func import vjp, vmap
 from .._checks import check_choice, check_int
 from ._kfac_capture import capture, find_layers, miscalled
 from ._kronecker import layer_from_matrix
+from ._layer_operator import LayerOperator, add_statistics
 from ._layer_pass import (
     CHUNK_ENTRIES,
     diagonal_squares,
@@ -23,12 +24,11 @@ from ._layer_pass import (
 )
 from ._statistics import statistics_pass
 from .data import Batch, slice_examples
-from .kfac import _add, _LayerOperator
 
 _KINDS = ("exact", "monte_carlo")
 
 
-class GGNDiagonalOperator(_LayerOperator):
+class GGNDiagonalOperator(LayerOperator):
     """``diag(G)`` of the generalized Gauss-Newton matrix, exactly, as a diagonal (P, P) operator.
 
     ``diag(G) = Σ_n Σ_c (J_nᵀ c_nc)²`` with ``c_nc`` the columns of a square root of example n's
@@ -132,7 +132,7 @@ class GGNDiagonalOperator(_LayerOperator):
                     x = inputs[layer.name]
                     if grads is not None:
                         squares = _layer_squares(layer, x, grads[layer.name], raw.get(layer.name))
-                        _add(stats, squares)
+                        add_statistics(stats, squares)
                     elif not (layer.is_norm or isinstance(layer.module, nn.Embedding)):
                         raw[layer.name] = raw_inputs(layer, x)
             for name, inputs in raw.items():
