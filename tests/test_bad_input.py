@@ -372,6 +372,47 @@ API_CASES = [
         ValueError,
         "analyze(top_k=...): expected an integer >= 1",
     ),
+    # the data boundary (issue 15)
+    *[
+        ApiCase(
+            f"{cls.__name__}-empty-data",
+            lambda w, cls=cls: cls(w.model, w.loss_fn, []),
+            ValueError,
+            f"{cls.__name__}(data=...): expected at least one example",
+        )
+        for cls in (curvscope.HessianOperator, curvscope.GGNOperator, curvscope.FisherOperator)
+    ],
+    ApiCase(
+        "operator-all-batches-empty",
+        lambda w: curvscope.GGNOperator(
+            w.model, w.loss_fn, [(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))] * 2
+        ),
+        ValueError,
+        "expected at least one example",
+    ),
+    ApiCase(
+        "operator-inputs-do-not-fit-the-model",
+        lambda w: (
+            curvscope.HessianOperator(
+                w.model, w.loss_fn, [(torch.zeros(5, 7), torch.zeros(5, dtype=torch.long))]
+            )
+            @ torch.ones(26)
+        ),
+        ValueError,
+        "inputs (5, 7) float64, targets (5,) int64. The model's first layer, '0', is Linear(",
+    ),
+    ApiCase(
+        "operator-loss-none-class-targets",
+        lambda w: curvscope.GGNOperator(w.model, None, w.data),
+        TypeError,
+        "Pass a loss module such as nn.CrossEntropyLoss()",
+    ),
+    ApiCase(
+        "operator-loss-none-float-targets",
+        lambda w: curvscope.GGNOperator(w.model, None, [(torch.zeros(5, 3), torch.zeros(5, 2))]),
+        TypeError,
+        "Pass a loss module such as nn.MSELoss()",
+    ),
 ]
 
 
