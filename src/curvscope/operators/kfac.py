@@ -205,19 +205,21 @@ class KFACOperator(LayerOperator):
     # -- the structured algebra ----------------------------------------------------------------
     def _apply(self, matrix: torch.Tensor, block_fn: Callable, norm_fn: Callable) -> torch.Tensor:
         blocks = self._ensure()
-        pieces = self._pieces(matrix)
-        out = {name: torch.empty_like(piece) for name, piece in pieces.items()}
+        pieces = self._pieces(matrix.T.contiguous())
+        k, size = matrix.shape[1], matrix.shape[0]
+        result = torch.empty(k, size, dtype=matrix.dtype, device=matrix.device)
+        out = self._pieces(result)  # views into one buffer: no per-parameter allocations
         for block in blocks:
             block.from_matrix(block_fn(block, block.to_matrix(pieces)), out)
         for name, values in self._norms.items():
-            out[name] = norm_fn(values, pieces[name])
-        return torch.cat([out[name].reshape(matrix.shape[1], -1) for name in self._names], 1).T
+            out[name].copy_(norm_fn(values, pieces[name]))
+        return result.T
 
-    def _pieces(self, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
-        columns = matrix.T
+    def _pieces(self, columns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views (k, *shape) per parameter of a contiguous (k, P) block."""
         sizes = [shape.numel() for shape in self._param_shapes.values()]
         return {
-            name: piece.reshape(columns.shape[0], *shape)
+            name: piece.view(columns.shape[0], *shape)
             for (name, shape), piece in zip(
                 self._param_shapes.items(), columns.split(sizes, dim=1), strict=True
             )
