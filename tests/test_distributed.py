@@ -26,6 +26,9 @@ def _setups():
         ("fisher_dataset", curvscope.FisherOperator, case, TensorDataset(x, y)),
         ("hessian_one_batch", curvscope.HessianOperator, other, full_batch(other.data)),
         ("ggn_empty_shard", curvscope.GGNOperator, case, case.data[:1]),  # rank 1 holds nothing
+        ("kfac_batches", curvscope.KFACOperator, case, case.data),
+        ("ekfac_empty_shard", curvscope.EKFACOperator, case, case.data[:1]),
+        ("ggn_diagonal_loader", curvscope.GGNDiagonalOperator, case, loader),
     ]
 
 

@@ -148,7 +148,7 @@ def test_default_damping_is_a_tenth_of_the_mean_eigenvalue():
     # between vmapped and looped block products may differ between two instances)
     assert cg.damping == pytest.approx(again.damping, rel=1e-10)
     assert cg.damping == pytest.approx(exact.damping, rel=0.3)
-    torch.testing.assert_close(cg.scores(test), again.scores(test), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(cg.scores(test), again.scores(test), rtol=1e-6, atol=1e-10)
 
 
 def test_streaming_and_batching_do_not_change_the_scores():

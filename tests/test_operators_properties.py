@@ -57,6 +57,10 @@ def test_no_side_effects(op_case):
     torch.manual_seed(1234)
     before = _snapshot(model)
     for options in ({}, {"eval_mode": False}, {"max_batch_size": 2}):
+        if "eval_mode" in options and not op_case.train_mode:
+            with pytest.raises(ValueError, match=r"eval_mode=...\).*BatchNorm"):
+                op_case.make(model, case.loss_fn, case.data, **options)
+            continue
         _exercise(op_case.make(model, case.loss_fn, case.data, **options))
     _assert_same(before, _snapshot(model))
 

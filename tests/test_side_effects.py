@@ -45,8 +45,9 @@ def _exercise(op):
     op @ v
     op.matmat(torch.stack([v, -v], dim=1))
     op.matvec(op.unflatten(v))
-    op.loss(0.01 * v)
-    op.gradient()
+    if hasattr(op, "loss"):  # model operators (a block diagonal of one has no loss)
+        op.loss(0.01 * v)
+        op.gradient()
 
 
 @pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
