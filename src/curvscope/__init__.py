@@ -7,11 +7,18 @@ diagonal, density, solve) <- ``report`` (analysis, plots, HTML) <- ``cli``.
 The public surface is what this module exports.
 """
 
-from . import derivatives, estimators, operators, report
+from . import (
+    derivatives,
+    estimators,
+    operators,
+    optim,  # noqa: F401  (curvscope.optim: HessianFree, KFACPreconditioner)
+    report,
+)
 from .derivatives import *  # noqa: F403
 from .estimators import *  # noqa: F403
 from .operators import *  # noqa: F403
 from .report import *  # noqa: F403
+from .tracking import SharpnessRecord, SharpnessTracker
 
 __version__ = "0.1.0"
 
@@ -20,4 +27,6 @@ __all__ = [
     *operators.__all__,
     *estimators.__all__,
     *report.__all__,
+    "SharpnessRecord",
+    "SharpnessTracker",
 ]
