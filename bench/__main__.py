@@ -22,13 +22,14 @@ from .harness import MALLOC_ENV, MEMORY, Config, Table
 
 
 def _cases():
-    from . import cases_analyze, cases_derivatives, cases_estimators, cases_operators
+    from . import cases_analyze, cases_derivatives, cases_estimators, cases_operators, cases_optim
 
     return [
         *cases_derivatives.CASES,
         *cases_operators.CASES,
         *cases_estimators.CASES,
         *cases_analyze.CASES,
+        *cases_optim.CASES,
     ]
 
 

@@ -75,29 +75,6 @@ def find_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
     return list(layers.values()), other
 
 
-def layer_matrix(layer: Layer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(d_out, d_in) matrix ``[W | b]`` of a layer's tensors (weights flattened per row)."""
-    parts = []
-    if layer.weight is not None:
-        weight = tensors[layer.weight]
-        parts.append(weight.reshape(weight.shape[0], -1))
-    if layer.bias is not None:
-        parts.append(tensors[layer.bias].reshape(-1, 1))
-    return torch.cat(parts, dim=1)
-
-
-def split_matrix(layer: Layer, matrix: torch.Tensor, shapes: dict[str, torch.Size]) -> dict:
-    """The inverse of ``layer_matrix``: name -> tensor of the parameter's shape."""
-    out, width = {}, 0
-    if layer.weight is not None:
-        shape = shapes[layer.weight]
-        width = math.prod(shape[1:])
-        out[layer.weight] = matrix[:, :width].reshape(shape)
-    if layer.bias is not None:
-        out[layer.bias] = matrix[:, width].reshape(shapes[layer.bias])
-    return out
-
-
 def _unfold(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Patches (n, L, C_in·k) of a convolution's input, in the weight's (C_in, k...) order."""
     if isinstance(module, nn.Conv1d):
@@ -248,7 +225,7 @@ def batch_factors(
     for layer in used:
         a, g = factors[layer.name]
         if g is None:
-            rows = layer_matrix(layer, dict(model.named_parameters())).shape[0]
+            rows = layer.module.weight.shape[0]
             g = a.new_zeros(rows, rows)
         factors[layer.name] = (a, g)
         layer.inputs.clear()

@@ -13,7 +13,7 @@ from .._checks import check_choice, check_float, check_int, type_error, value_er
 from .._random import make_generator
 from ..operators.losses import resolve_loss
 from ._common import check_loss_fn, check_model
-from ._kfac_factors import batch_factors, find_layers, layer_matrix, split_matrix
+from ._kfac_factors import batch_factors, find_layers
 
 _FUNC = "optim.KFACPreconditioner"
 _FISHERS = ("monte_carlo", "empirical", "ggn")
@@ -103,6 +103,10 @@ class KFACPreconditioner:
                 "Use fisher='empirical' for other losses.",
             )
         self._layers, others = find_layers(model)
+        named = dict(model.named_parameters())
+        self._params = [
+            (layer, named.get(layer.weight), named.get(layer.bias)) for layer in self._layers
+        ]
         if others:
             why = "belong to modules KFAC does not support"
             warnings.warn(_untouched(others, why), stacklevel=2)
@@ -157,6 +161,7 @@ class KFACPreconditioner:
             why = "belong to modules not called exactly once"
             warnings.warn(_untouched(names, why), stacklevel=3)
             self._layers = [layer for layer in self._layers if layer.name not in miscalled]
+            self._params = [entry for entry in self._params if entry[0].name not in miscalled]
         for name, (a, g) in new.items():
             if name in self._factors:
                 old_a, old_g = self._factors[name]
@@ -167,27 +172,46 @@ class KFACPreconditioner:
         self._num_updates += 1
 
     def _decompose(self) -> None:
+        """Per layer: ``(Q_A, Q_G, 1 / (λ_G λ_Aᵀ + λ))`` from the current factors."""
         self._eigen = {}
         for name, (a, g) in self._factors.items():
             values_a, vectors_a = torch.linalg.eigh(a)
             values_g, vectors_g = torch.linalg.eigh(g)
-            self._eigen[name] = (vectors_a, values_a.clamp_min(0), vectors_g, values_g.clamp_min(0))
+            spectrum = torch.outer(values_g.clamp_min(0), values_a.clamp_min(0))
+            self._eigen[name] = (vectors_a, vectors_g, 1.0 / (spectrum + self._damping))
 
     @torch.no_grad()
     def _precondition(self) -> None:
-        params = dict(self._model.named_parameters())
-        for layer in self._layers:
-            if layer.name not in self._eigen or any(params[n].grad is None for n in layer.names()):
+        """``M ← Q_G [(Q_Gᵀ M Q_A) ⊙ 1/(λ_G λ_Aᵀ + λ)] Q_Aᵀ`` per layer, in the ``.grad``s."""
+        for layer, weight, bias in self._params:
+            eigen = self._eigen.get(layer.name)
+            if eigen is None:
                 continue
-            vectors_a, values_a, vectors_g, values_g = self._eigen[layer.name]
-            grads = {n: params[n].grad for n in layer.names()}
-            matrix = layer_matrix(layer, grads)
-            rotated = vectors_g.T @ matrix @ vectors_a
-            rotated = rotated / (values_g[:, None] * values_a[None, :] + self._damping)
-            solved = vectors_g @ rotated @ vectors_a.T
-            shapes = {n: params[n].shape for n in layer.names()}
-            for name, value in split_matrix(layer, solved, shapes).items():
-                params[name].grad.copy_(value)
+            weight_grad = None if weight is None else weight.grad
+            bias_grad = None if bias is None else bias.grad
+            if (weight is not None and weight_grad is None) or (
+                bias is not None and bias_grad is None
+            ):
+                continue
+            vectors_a, vectors_g, scale = eigen
+            if weight_grad is None:
+                matrix = bias_grad[:, None]
+            elif bias_grad is None:
+                matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+            else:
+                matrix = torch.cat(
+                    [weight_grad.reshape(bias_grad.shape[0], -1), bias_grad[:, None]], 1
+                )
+            rotated = torch.linalg.multi_dot([vectors_g.T, matrix, vectors_a]).mul_(scale)
+            solved = torch.linalg.multi_dot([vectors_g, rotated, vectors_a.T])
+            if weight_grad is not None:
+                weight_grad.copy_(
+                    solved[:, : matrix.shape[1] - (bias_grad is not None)].reshape(
+                        weight_grad.shape
+                    )
+                )
+            if bias_grad is not None:
+                bias_grad.copy_(solved[:, -1])
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
