@@ -23,11 +23,13 @@ from .harness import MALLOC_ENV, MEMORY, Config, Table
 
 def _cases():
     from . import cases_analyze, cases_derivatives, cases_estimators, cases_operators, cases_optim
+    from .cases_lanczos_scale import CASES as LANCZOS_SCALE
 
     return [
         *cases_derivatives.CASES,
         *cases_operators.CASES,
         *cases_estimators.CASES,
+        *LANCZOS_SCALE,
         *cases_analyze.CASES,
         *cases_optim.CASES,
     ]

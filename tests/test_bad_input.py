@@ -372,6 +372,47 @@ API_CASES = [
         ValueError,
         "analyze(top_k=...): expected an integer >= 1",
     ),
+    # the data boundary (issue 15)
+    *[
+        ApiCase(
+            f"{cls.__name__}-empty-data",
+            lambda w, cls=cls: cls(w.model, w.loss_fn, []),
+            ValueError,
+            f"{cls.__name__}(data=...): expected at least one example",
+        )
+        for cls in (curvscope.HessianOperator, curvscope.GGNOperator, curvscope.FisherOperator)
+    ],
+    ApiCase(
+        "operator-all-batches-empty",
+        lambda w: curvscope.GGNOperator(
+            w.model, w.loss_fn, [(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))] * 2
+        ),
+        ValueError,
+        "expected at least one example",
+    ),
+    ApiCase(
+        "operator-inputs-do-not-fit-the-model",
+        lambda w: (
+            curvscope.HessianOperator(
+                w.model, w.loss_fn, [(torch.zeros(5, 7), torch.zeros(5, dtype=torch.long))]
+            )
+            @ torch.ones(26)
+        ),
+        ValueError,
+        "inputs (5, 7) float64, targets (5,) int64. The model's first layer, '0', is Linear(",
+    ),
+    ApiCase(
+        "operator-loss-none-class-targets",
+        lambda w: curvscope.GGNOperator(w.model, None, w.data),
+        TypeError,
+        "Pass a loss module such as nn.CrossEntropyLoss()",
+    ),
+    ApiCase(
+        "operator-loss-none-float-targets",
+        lambda w: curvscope.GGNOperator(w.model, None, [(torch.zeros(5, 3), torch.zeros(5, 2))]),
+        TypeError,
+        "Pass a loss module such as nn.MSELoss()",
+    ),
 ]
 
 
@@ -395,6 +436,7 @@ class CliCase:
     args: list[str]
     phrase: str
     setup: Callable[[Path], None] | None = None
+    command: str = "analyze"
 
 
 USER = ["--model", "user_model:build_model", "--data", "user_model:build_data"]
@@ -444,6 +486,9 @@ CLI_CASES = [
     ),
     CliCase("checkpoint-a-directory", [*USER, "--checkpoint", "{tmp}"], "unreadable"),
     CliCase("params-matching-nothing", [*USER, "--params", "[bad"], "matches no parameter"),
+    CliCase("option-below-minimum", ["--top-k", "0"], "Invalid value for '--top-k'"),
+    CliCase("option-not-a-number", ["--top-k", "abc"], "valid integer"),
+    CliCase("option-unknown", ["--no-such-option"], "No such option: --no-such-option"),
 ]
 
 
@@ -456,7 +501,7 @@ def test_cli_bad_input(case: CliCase, tmp_path: Path) -> None:
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in case.args]
     if "--device" not in args:
         args += ["--device", "cpu"]
-    result = CliRunner().invoke(app, ["analyze", *args, "--out", str(out)])
+    result = CliRunner().invoke(app, [case.command, *args, "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

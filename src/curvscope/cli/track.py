@@ -45,7 +45,7 @@ def track(
     write DIR/index.html, DIR/results.json and DIR/sharpness.png (built-in digits example if
     no --model/--data)."""
     options = dict(locals())
-    from ..report.loading import BadInputError
+    from .loading import BadInputError
 
     try:
         _run(**options)
@@ -64,7 +64,7 @@ def _fail(text: str, code: int) -> None:
 
 
 def _check_numbers(lr: float, steps: int, every: int, top_k: int) -> None:
-    from ..report.loading import BadInputError
+    from .loading import BadInputError
 
     if not lr > 0 or lr == float("inf"):
         raise BadInputError(f"--lr {lr}: expected a learning rate > 0, e.g. --lr 0.5.")
@@ -74,7 +74,7 @@ def _check_numbers(lr: float, steps: int, every: int, top_k: int) -> None:
 
 
 def _run(**options: object) -> None:
-    from curvscope.report import loading
+    from curvscope.cli import loading
     from curvscope.report.track import OPTIMIZERS, train_and_track
 
     if os.getcwd() not in sys.path:
