@@ -236,3 +236,24 @@ def _escape(text):
     import re
 
     return re.escape(text)
+
+
+@pytest.mark.parametrize("name", ["curvscope.optim.hessian_free", "curvscope.optim.kfac"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_step_touches_parameters_only():
+    x, y = _digits(100)
+    model = digits_mlp(seed=0, hidden=8, dtype=torch.float64).train()
+    buffers_before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    HessianFree(model, torch.nn.CrossEntropyLoss()).step((x, y))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert any(not torch.equal(buffers_before[k], v) for k, v in model.state_dict().items())

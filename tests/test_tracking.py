@@ -166,3 +166,12 @@ def test_bad_step_and_lr():
         tracker.update(-1)
     with pytest.raises(ValueError, match=r"SharpnessTracker.plot\(lr=...\): expected a number > 0"):
         tracker.plot(lr=0.0)
+
+
+def test_docstring_example():
+    import doctest
+
+    import curvscope.tracking
+
+    result = doctest.testmod(curvscope.tracking)
+    assert result.attempted > 0 and result.failed == 0

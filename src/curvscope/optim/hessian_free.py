@@ -91,8 +91,8 @@ class HessianFree:
         >>> opt = curvscope.optim.HessianFree(model, torch.nn.MSELoss(), damping=0.0)
         >>> opt.step((x, y)).status
         'accepted'
-        >>> model.weight.data.round(decimals=6)  # one Newton step solves least squares
-        tensor([[1., 1.]], dtype=torch.float64)
+        >>> model.weight.data.round(decimals=6).tolist()  # one Newton step: least squares
+        [[1.0, 1.0]]
     """
 
     def __init__(
