@@ -280,3 +280,25 @@ def test_bad_loss_and_batch():
     precond = KFACPreconditioner(nn.Linear(2, 2), nn.CrossEntropyLoss())
     with pytest.raises(TypeError, match=r"step\(batch=...\): expected an \(inputs, targets\)"):
         precond.step(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("fisher", ["ggn", "empirical"])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_factors_are_those_of_kfac_operator(name, fisher):
+    """The preconditioner's factors are KFACOperator's on the same batch (one convention)."""
+    import curvscope
+
+    if not hasattr(curvscope, "KFACOperator"):
+        pytest.skip("curvscope.KFACOperator is not available in this build")
+    model = {"mlp": _mlp, "cnn": _cnn}[name]().double()
+    x, y = _data(name)
+    loss_fn = nn.CrossEntropyLoss()
+    precond = KFACPreconditioner(model, loss_fn, fisher=fisher)
+    F.cross_entropy(model(x), y).backward()
+    precond.step((x.double(), y))
+    operator = curvscope.KFACOperator(model, loss_fn, (x.double(), y), fisher=fisher)
+    for layer in precond.layers:
+        a, g = precond.factors[layer]
+        factor = operator.factors[layer]
+        torch.testing.assert_close(a, factor.input, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g, factor.output, rtol=1e-10, atol=1e-12)
