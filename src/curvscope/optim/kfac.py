@@ -185,33 +185,19 @@ class KFACPreconditioner:
         """``M ← Q_G [(Q_Gᵀ M Q_A) ⊙ 1/(λ_G λ_Aᵀ + λ)] Q_Aᵀ`` per layer, in the ``.grad``s."""
         for layer, weight, bias in self._params:
             eigen = self._eigen.get(layer.name)
-            if eigen is None:
-                continue
-            weight_grad = None if weight is None else weight.grad
-            bias_grad = None if bias is None else bias.grad
-            if (weight is not None and weight_grad is None) or (
-                bias is not None and bias_grad is None
-            ):
+            grads = [p.grad for p in (weight, bias) if p is not None]
+            if eigen is None or any(grad is None for grad in grads):
                 continue
             vectors_a, vectors_g, scale = eigen
-            if weight_grad is None:
-                matrix = bias_grad[:, None]
-            elif bias_grad is None:
-                matrix = weight_grad.reshape(weight_grad.shape[0], -1)
-            else:
-                matrix = torch.cat(
-                    [weight_grad.reshape(bias_grad.shape[0], -1), bias_grad[:, None]], 1
-                )
+            rows = grads[0].shape[0]
+            pieces = [grad.reshape(rows, -1) for grad in grads]
+            matrix = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
             rotated = torch.linalg.multi_dot([vectors_g.T, matrix, vectors_a]).mul_(scale)
             solved = torch.linalg.multi_dot([vectors_g, rotated, vectors_a.T])
-            if weight_grad is not None:
-                weight_grad.copy_(
-                    solved[:, : matrix.shape[1] - (bias_grad is not None)].reshape(
-                        weight_grad.shape
-                    )
-                )
-            if bias_grad is not None:
-                bias_grad.copy_(solved[:, -1])
+            for grad, piece in zip(
+                grads, solved.split([p.shape[1] for p in pieces], 1), strict=True
+            ):
+                grad.copy_(piece.reshape(grad.shape))
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
