@@ -350,3 +350,34 @@ def test_hessian_auto_mode_falls_back_where_forward_mode_is_missing():
         rtol=1e-10, atol=1e-12,
     )  # fmt: skip
     assert op.hvp_mode == "reverse-over-reverse"
+
+
+class _TinyLSTM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(3, 4, batch_first=True)
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cls", ["hessian", "hessian_forward", "ggn"])
+def test_recurrent_model_products_match_dense_references(cls):
+    """LSTM weights live in a cached flat list: substitute tensors must reach it."""
+    torch.manual_seed(0)
+    model = _TinyLSTM().double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, 3, generator=gen, dtype=F64), torch.randint(0, 2, (5,), generator=gen)
+    case = ModelCase("lstm", model, torch.nn.CrossEntropyLoss(), [(x[:3], y[:3]), (x[3:], y[3:])])
+    theta, loss = reference_loss(case)
+    if cls == "ggn":
+        op, expected = curvscope.GGNOperator(model, case.loss_fn, case.data), _dense_ggn(case)
+    else:
+        mode = "forward-over-reverse" if cls == "hessian_forward" else "auto"
+        op = curvscope.HessianOperator(model, case.loss_fn, case.data, hvp_mode=mode)
+        expected = torch.autograd.functional.hessian(loss, theta)
+    v = torch.linspace(-1, 1, op.shape[0], dtype=F64)
+    torch.testing.assert_close(op @ v, expected @ v, rtol=1e-10, atol=1e-12)
+    block = torch.stack([v, v.flip(0)], dim=1)
+    torch.testing.assert_close(op.matmat(block), expected @ block, rtol=1e-10, atol=1e-12)

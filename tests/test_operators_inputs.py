@@ -128,3 +128,15 @@ def test_missing_loss_suggests_the_loss_that_fits_the_targets(targets, suggestio
             assert suggestion in str(caught.value)
     with pytest.raises(TypeError, match=r"CrossEntropyLoss\(\), not the class"):
         curvscope.GGNOperator(case.model, nn.CrossEntropyLoss, data)
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=IDS)
+def test_nan_appearing_after_set_up_names_the_batch(cls):
+    case = mlp()
+    x = case.data[2][0].clone()
+    data = [case.data[0], case.data[1], (x, case.data[2][1])]
+    op = cls(case.model, case.loss_fn, data)
+    op.num_examples  # set-up on finite data
+    x[1, 0] = float("nan")  # the data changes in place afterwards
+    with pytest.raises(ValueError, match=r"NaN or Inf in the result of batch 2 \(3 examples"):
+        op @ torch.ones(op.shape[0], dtype=F64)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..derivatives.tree import map_tensors
+
 LOSSES = ("cross_entropy", "mse")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -212,13 +214,9 @@ def prepare(
 
 
 def _move(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_move(item, dtype, device) for item in value)
-    if isinstance(value, Mapping):
-        return {key: _move(item, dtype, device) for key, item in value.items()}
-    return value
+    return map_tensors(
+        value, lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+    )
 
 
 def check_batches(model: nn.Module, loss_fn: Callable[..., Any], data: list[Any]) -> None:

@@ -16,7 +16,7 @@ import torch.func
 from ._basis import FlatFunction, basis_matrix, basis_products
 from ._norms import composite_norms
 from ._validate import check_batched_input, check_chunk_size, check_function, check_input
-from .products import forward_or_reverse
+from .products import forward_or_reverse, hvp_closure
 from .tree import split, split_matrix
 
 __all__ = ["batch_hessian", "hessian", "hessian_diagonal"]
@@ -29,12 +29,7 @@ COMPOSITION = "reverse-over-reverse"
 
 def _row_product(flat: FlatFunction, composition: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``e -> H e`` for the flat scalar function, by the given composition."""
-    gradient = torch.func.grad(flat)
-    x = flat.vector
-    if composition == "reverse-over-reverse":
-        pullback = torch.func.vjp(gradient, x)[1]
-        return lambda e: pullback(e)[0]
-    return lambda e: torch.func.jvp(gradient, (x,), (e,))[1]
+    return hvp_closure(flat, flat.vector, composition)
 
 
 def _with_composition(run: Callable[[str], Any]) -> Any:

@@ -84,6 +84,8 @@ def _columns(
     k = block[0].shape[0]
     if batched and k > 1:
         return _grad(outputs, inputs, block, retain_graph=True, batched=True, batch_shape=(k,))
+    if k == 1:
+        return [g.unsqueeze(0) for g in _grad(outputs, inputs, [b[0] for b in block])]
     columns = [_grad(outputs, inputs, [b[j] for b in block], retain_graph=True) for j in range(k)]
     return [torch.stack(parts) for parts in zip(*columns, strict=True)]
 

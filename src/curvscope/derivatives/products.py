@@ -109,7 +109,16 @@ def hvp(f: Callable[[Any], torch.Tensor], x: Any, v: Any, *, mode: str = "auto")
     check_mode("hvp", mode, HVP_MODES)
     check_input("hvp", "x", x)
     check_like("hvp", "v", v, x, "x")
-    gradient = torch.func.grad(checked(f, "hvp", scalar=True))
+    return hvp_closure(checked(f, "hvp", scalar=True), x, mode)(v)
+
+
+def hvp_closure(f: Callable[[Any], torch.Tensor], x: Any, mode: str) -> Callable[[Any], Any]:
+    """``v -> H v`` for the scalar ``f`` at ``x``, composable with ``torch.func`` transforms
+    (vmap over v): the one HVP of functions of tensors. Reverse-over-reverse records the
+    gradient's graph once and replays only its pullback per vector. Operators on models use
+    ``kernel`` instead (autograd on the model's own parameters)."""
+    gradient = torch.func.grad(f)
     if mode == "forward-over-reverse":
-        return torch.func.jvp(gradient, (x,), (v,))[1]
-    return torch.func.vjp(gradient, x)[1](v)[0]
+        return lambda v: torch.func.jvp(gradient, (x,), (v,))[1]
+    pullback = torch.func.vjp(gradient, x)[1]
+    return lambda v: pullback(v)[0]

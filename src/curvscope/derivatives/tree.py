@@ -135,11 +135,15 @@ def flatten(tree: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
 
 def tensor_leaves(tree: Any) -> list[torch.Tensor]:
     """Every Tensor in a nested structure (tuples, lists, dicts), in ``pytree`` order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 def map_tensors(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """``tree`` with ``fn`` applied to every Tensor; other leaves are kept as they are."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
     return pytree.tree_map_only(torch.Tensor, fn, tree)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from .._checks import check_float, check_int
+from .._progress import progress_bar
 from .._random import rademacher
 from ._common import Counter, check_operator, generator
 from ._lanczos import norm, orthogonalise
-from ._progress import Progress
 from ._results import Result
 
 _FUNC = "spectral_density"
@@ -203,7 +203,9 @@ def spectral_density(
         return _exact(apply, op)
     group = max(1, min(num_probes, _MAX_BASIS_ENTRIES // max(steps * size, 1)))
     alphas, betas = [], []
-    with Progress(progress, "spectral density", num_probes * steps) as bar:
+    with progress_bar(
+        progress, "spectral density", num_probes * steps, unit="products", transient=False
+    ) as bar:
         for start in range(0, num_probes, group):
             count = min(group, num_probes - start)
             probes = rademacher((size, count), gen, dtype=op.dtype, device=op.device)

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from .._checks import check_choice
+from .._progress import progress_bar
 from .._random import rademacher
 from ..operators.base import split_by_shapes
 from ._common import Counter, check_budget, check_operator, chunks, exact_diagonal, generator
-from ._progress import Progress
 from ._results import Result, estimate_status
 from .trace import _leave_one_out_directions
 
@@ -130,7 +130,9 @@ def diagonal(
     budget = check_budget(_FUNC, method, num_matvecs, _MINIMUM, even="xdiag")
     gen = generator(_FUNC, seed)
     apply = Counter(op)
-    with Progress(progress, f"diagonal ({method})", budget or op.shape[0]) as bar:
+    with progress_bar(
+        progress, f"diagonal ({method})", budget or op.shape[0], unit="products", transient=False
+    ) as bar:
         if method == "exact":
             value = exact_diagonal(apply, op)
             error = torch.zeros_like(value)
@@ -138,7 +140,7 @@ def diagonal(
             value, error = {"hutchinson": _hutchinson, "xdiag": _xdiag}[method](
                 apply, op, budget, gen
             )
-        bar.update(apply.count, float(error.max()) if error.numel() else 0.0)
+        bar.update(apply.count, max_std_error=float(error.max()) if error.numel() else 0.0)
     shapes = getattr(op, "param_shapes", None)
     return DiagonalEstimate(
         value=value.to(op.dtype),

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from .._checks import check_choice, check_int, value_error
+from .._progress import progress_bar
 from .._random import gaussian
 from ._common import Counter, check_operator, check_tensor_for, check_tol, generator
 from ._lanczos import ThickRestartLanczos
-from ._progress import Progress
 from ._results import Result
 
 WHICH = ("largest", "smallest", "magnitude", "both")
@@ -141,7 +141,7 @@ def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, b
         claimed = len(chosen) == want and bool(
             _converged(theta[chosen], residuals[chosen], tol, anorm, eps).all()
         )
-        bar.update(apply.count, float(np.max(residuals[chosen] / max(anorm, 1e-300))))
+        bar.update(apply.count, residual=float(np.max(residuals[chosen] / max(anorm, 1e-300))))
         if claimed or apply.count >= budget:
             values, true, rows = engine.explicit(vectors[:, chosen])
             true = np.maximum(true, 10 * eps * anorm)
@@ -245,7 +245,7 @@ def eigenvalues(
     gen = generator(_FUNC, seed)
     start = _start_vector(v0, op, gen)
     apply, basis_size = Counter(op), min(default_basis_size(want), size - 1)
-    with Progress(progress, "eigenvalues", budget) as bar:
+    with progress_bar(progress, "eigenvalues", budget, unit="products", transient=False) as bar:
         if size <= default_basis_size(want) and (budget >= size or basis_size <= want):
             values, vecs, residuals, anorm = _dense(apply, op, want, which)
             rows, method, restarts, status = vecs.T, "dense", 0, None
@@ -253,7 +253,7 @@ def eigenvalues(
             found = _lanczos(apply, start, want, which, tol, budget, basis_size, gen, bar)
             values, rows, residuals, anorm, restarts, status = found
             method = "lanczos"
-        bar.update(apply.count, None)
+        bar.update(apply.count)
     order = _order(values, which)
     values, residuals = values[order], residuals[order]
     converged = _converged(values, residuals, tol, anorm, torch.finfo(op.dtype).eps)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .._checks import check_int
+from .._progress import progress_bar
 from .._random import rademacher
 from ._common import (
     Counter,
@@ -19,7 +20,6 @@ from ._common import (
     mean_and_error,
     quantile,
 )
-from ._progress import Progress
 from ._results import Result, estimate_status
 
 _FUNC = "frobenius_norm"
@@ -78,7 +78,7 @@ def frobenius_norm(
     confidence = check_confidence(_FUNC, confidence)
     gen = generator(_FUNC, seed)
     apply, samples = Counter(op), []
-    with Progress(progress, "frobenius norm", budget) as bar:
+    with progress_bar(progress, "frobenius norm", budget, unit="products", transient=False) as bar:
         for start, stop in chunks(budget):
             shape = (op.shape[0], stop - start)
             probes = rademacher(shape, gen, dtype=op.dtype, device=op.device)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from .._checks import check_float, check_int
+from .._progress import progress_bar
 from ._common import Counter, check_operator, check_tensor_for, check_tol
 from ._lanczos import dots, norm
-from ._progress import Progress
 from ._results import Result
 
 _FUNC = "solve"
@@ -70,7 +70,7 @@ def _cg(apply, rhs, damping, tol, budget, bar) -> tuple[torch.Tensor, int, str]:
         rho, previous = _dot(residual, residual), rho
         direction = residual + (rho / previous) * direction
         iterations += 1
-        bar.update(apply.count, rho**0.5)
+        bar.update(apply.count, residual=float(rho**0.5))
     status = "converged"
     return x, iterations, status
 
@@ -116,7 +116,7 @@ def solve(
     budget = check_int(_FUNC, "max_matvecs", max_matvecs, minimum=1, allow_none=True)
     budget = min(10 * op.shape[0], 1000) if budget is None else budget
     apply = Counter(op)
-    with Progress(progress, "solve", budget) as bar:
+    with progress_bar(progress, "solve", budget, unit="products", transient=False) as bar:
         x, iterations, status = _cg(apply, rhs, damping, tol, budget, bar)
     norm_b = norm(rhs)
     true_residual = rhs - (apply(x[:, None])[:, 0] + damping * x) if iterations else rhs

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .._checks import check_choice
+from .._progress import progress_bar
 from .._random import rademacher
 from ._common import (
     Counter,
@@ -21,7 +22,6 @@ from ._common import (
     mean_and_error,
     quantile,
 )
-from ._progress import Progress
 from ._results import Result, estimate_status
 
 METHODS = ("hutch++", "hutchinson", "xtrace", "exact")
@@ -176,13 +176,15 @@ def trace(
     confidence = check_confidence(_FUNC, confidence)
     gen = generator(_FUNC, seed)
     apply = Counter(op)
-    with Progress(progress, f"trace ({method})", budget or op.shape[0]) as bar:
+    with progress_bar(
+        progress, f"trace ({method})", budget or op.shape[0], unit="products", transient=False
+    ) as bar:
         if method == "exact":
             value, error, dof = _exact(apply, op)
         else:
             run = {"hutchinson": _hutchinson, "hutch++": _hutch_plus_plus, "xtrace": _xtrace}
             value, error, dof = run[method](apply, op, budget, gen)
-        bar.update(apply.count, error)
+        bar.update(apply.count, std_error=error)
     if method != "exact":
         # rounding in the products and sums: never claim more accuracy than the arithmetic has
         rounding = 10 * torch.finfo(op.dtype).eps * math.sqrt(op.shape[0]) * abs(value)

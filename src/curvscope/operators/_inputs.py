@@ -11,7 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from .._checks import type_error, value_error
+from .._checks import describe, type_error, value_error
+from .data import Batch, describe_batch, shapes_of
+from .losses import suggest_loss
 
 
 class TrainModeWarning(UserWarning):
@@ -112,3 +114,35 @@ def warn_train_mode(model: nn.Module, func: str) -> None:
             TrainModeWarning,
             stacklevel=_user_stacklevel(),
         )
+
+
+def model_error(func: str, model: nn.Module, batch: Batch, err: Exception) -> ValueError:
+    """The model failed on ``batch``: name the batch, its shapes and the model's first layer."""
+    return ValueError(
+        f"curvscope.{func}(data=...): model(inputs) failed on "
+        f"{describe_batch(batch)}; inputs {shapes_of(batch.inputs)}, targets "
+        f"{shapes_of(batch.targets)}.{first_layer(model)} The model said: "
+        f"{type(err).__name__}: {err}. Check that the inputs fit the model (a Tensor is "
+        "passed as model(x), a tuple as model(*x), a dict as model(**x))."
+    )
+
+
+def loss_error(func: str, batch: Batch, output: Any, err: Exception) -> ValueError:
+    """loss_fn failed on ``batch``: name it and suggest the loss that fits its targets."""
+    return ValueError(
+        f"curvscope.{func}(loss_fn=...): loss_fn(output, targets) failed on "
+        f"{describe_batch(batch)} with output {describe(output)} and targets "
+        f"{describe(batch.targets)}: {err}. Check that data yields targets that fit "
+        "loss_fn (class indices of dtype long for cross-entropy, the output's shape "
+        f"for MSE); for these targets, {suggest_loss(batch.targets)} fits."
+    )
+
+
+def not_twice_differentiable(func: str, loss_name: str, err: BaseException) -> ValueError:
+    """Torch has no second derivative for an operation the product needs."""
+    return ValueError(
+        f"curvscope.{func}(loss_fn=...): torch cannot take the second derivative "
+        f"needed here, of loss_fn {loss_name} or of an operation in the model "
+        f"({str(err).splitlines()[0]}). Use a twice-differentiable loss (or model), or "
+        "FisherOperator(kind='empirical'), which needs first derivatives only."
+    )

@@ -12,6 +12,7 @@ the batch, and all-reduces over processes.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -191,30 +192,46 @@ class DataPass:
 
     # -- products --------------------------------------------------------------------------------
     def accumulate(
-        self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor, scale: float
+        self,
+        batch_fn: Callable[[Batch], list[torch.Tensor]],
+        zeros: list[torch.Tensor],
+        scale: float,
     ) -> torch.Tensor:
-        """``scale · Σ_b batch_fn(b)`` over the local data, then one all-reduce over processes.
+        """``scale · Σ_b batch_fn(b)`` (lists of tensors, summed entry by entry) over the local
+        data, flattened and concatenated in order, then one all-reduce over processes.
+        ``zeros`` is the sum of no batches.
 
-        Raises ValueError naming the first batch whose result holds NaN or Inf.
+        Raises ValueError naming the first batch whose result holds NaN or Inf (found by a
+        second pass, on that path only).
         """
-        flags = []
+        total = None
         enabled = self.options.progress and is_main_process()
         with progress_bar(enabled, f"{self.options.func} product", self.num_batches) as advance:
             for batch in self.batches():
                 result = batch_fn(batch)
-                flags.append((batch, torch.isfinite(result).all()))
-                total = total + result
+                if total is None:
+                    total = list(result)
+                else:
+                    for part, add in zip(total, result, strict=True):
+                        part.add_(add)
                 advance()
-        total = all_reduce_sum(total * scale)
-        if not bool(torch.isfinite(total).all()):
-            bad = next((b for b, ok in flags if not bool(ok)), None)
+        total = total if total is not None else [torch.zeros_like(z) for z in zeros]
+        flat = all_reduce_sum(torch.cat([part.reshape(-1) for part in total]).mul_(scale))
+        if not bool(torch.isfinite(flat).all()):
+            bad = self._first_nonfinite(batch_fn)
             where = describe_batch(bad) if bad is not None else "a batch on another process"
             raise ValueError(
                 f"curvscope.{self.options.func}: NaN or Inf in the result of {where}"
                 f"{rank_text()}. Check that batch's inputs and targets, the model's "
                 "parameters, and the loss (e.g. log of 0) at this point."
             )
-        return total
+        return flat
+
+    def _first_nonfinite(self, batch_fn: Callable[[Batch], list[torch.Tensor]]) -> Batch | None:
+        for batch in self.batches():
+            if not all(bool(torch.isfinite(part).all()) for part in batch_fn(batch)):
+                return batch
+        return None
 
 
 def empty_data_error(func: str, data: Any) -> ValueError:
@@ -233,3 +250,17 @@ def zero_normaliser_error(func: str, name: str) -> ValueError:
         "is ignore_index, or their class weights add up to 0), so the mean loss is undefined. "
         "Pass data with counted targets, or a loss with reduction='sum'."
     )
+
+
+def first_is_faster(
+    first: Callable[[], Any], second: Callable[[], Any], device: torch.device
+) -> bool:
+    """Whether ``first()`` runs at least as fast as ``second()`` (each timed on its second run)."""
+    times = {}
+    for which, run in [(True, first), (False, second), (True, first), (False, second)]:
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times[which] = time.perf_counter() - start
+    return times[True] <= times[False]

@@ -100,6 +100,9 @@ def model_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def _batch_size(inputs: Any, targets: Any, func: str, index: int) -> int:
+    if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+        if inputs.ndim > 0 and targets.ndim > 0 and inputs.shape[0] == targets.shape[0]:
+            return inputs.shape[0]
     sizes = {t.shape[0] for t in tensor_leaves((inputs, targets)) if t.ndim > 0}
     if not sizes:
         raise value_error(

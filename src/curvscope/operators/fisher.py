@@ -129,6 +129,10 @@ class FisherOperator(_OutputSpaceOperator):
     def _start_pass(self) -> None:
         rank, _ = rank_and_world_size()
         self._generator = make_generator(self._seed + 1_000_003 * rank)
+        self._samples = None
+
+    #: The labels drawn for the current batch: (batch, gradients), reused by every column.
+    _samples: tuple[Batch, torch.Tensor] | None = None
 
     def _output_matmat(
         self, output: torch.Tensor, batch: Batch, block: torch.Tensor
@@ -137,7 +141,10 @@ class FisherOperator(_OutputSpaceOperator):
         if self._kind == "empirical":
             gradients = output_gradients(spec, output, batch.targets, batch.size)
             return _outer_products(gradients.unsqueeze(0), block)
-        gradients = sampled_output_gradients(
-            spec, output, batch.targets, self._generator, self._num_samples
-        )
+        if self._samples is None or self._samples[0] is not batch:
+            drawn = sampled_output_gradients(
+                spec, output, batch.targets, self._generator, self._num_samples
+            )
+            self._samples = (batch, drawn)
+        gradients = self._samples[1]
         return _outer_products(gradients, block) / self._num_samples

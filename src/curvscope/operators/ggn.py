@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,6 +13,17 @@ from ..derivatives import kernel
 from .data import Batch
 from .losses import loss_hessian_matmat
 from .model import _ModelOperator
+
+
+@contextlib.contextmanager
+def _unfused() -> Iterator[None]:
+    """oneDNN and cuDNN off: the composite kernels (e.g. of nn.LSTM) have forward mode."""
+    flags = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = flags
 
 
 class _OutputSpaceOperator(_ModelOperator):
@@ -23,8 +36,10 @@ class _OutputSpaceOperator(_ModelOperator):
     derivative of the network is ever taken. Subclasses implement ``_output_matmat``.
     """
 
-    #: One column uses one dual-number pass until an op turns out to lack forward mode.
-    _dual_pass = True
+    #: Columns use dual-number passes: "fused" (the model as it runs), then "unfused" (oneDNN
+    #: and cuDNN off: their fused RNN kernels lack forward mode) once an op turned out to lack
+    #: it, then None (no forward mode at all: the double-VJP trick).
+    _dual_pass: str | None = "fused"
 
     def _output_matmat(
         self, output: torch.Tensor, batch: Batch, block: torch.Tensor
@@ -43,21 +58,51 @@ class _OutputSpaceOperator(_ModelOperator):
     def _batch_matmat(
         self, batch: Batch, block: list[torch.Tensor], batched: bool
     ) -> list[torch.Tensor]:
+        """Batched: ``J V`` for all columns by the double-VJP trick on one plain forward pass,
+        and one vmapped pullback. Looped (and one column): a dual-number pass per column."""
+        if batched or not self._dual_pass:
+            return self._reverse_matmat(batch, block, batched)
+        columns = []
+        for j in range(block[0].shape[0]):
+            column = self._dual_column(batch, [b[j] for b in block])
+            if column is None:  # an op without forward mode: no dual pass from now on
+                return self._reverse_matmat(batch, block, batched)
+            columns.append(column)
+        if len(columns) == 1:
+            return [part.unsqueeze(0) for part in columns[0]]
+        return [torch.stack(parts) for parts in zip(*columns, strict=True)]
+
+    def _dual_column(self, batch: Batch, vector: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """``Jᵀ M J v``: one forward pass with dual numbers carries the graph and ``J v``."""
         leaves = self._leaves()
-        if block[0].shape[0] == 1 and self._dual_pass:
-            try:
-                output, jv = kernel.jvp_dual(
-                    lambda tensors: self._forward(batch, tensors), leaves, [b[0] for b in block]
-                )
-                jv = jv.unsqueeze(0)
-            except (NotImplementedError, RuntimeError) as err:
-                if not kernel.lacks_forward_ad(err):
-                    raise
-                self._dual_pass = False  # an op without forward mode: no dual pass from now on
-                return self._batch_matmat(batch, block, batched)
-        else:
-            output = self._forward(batch, leaves)
-            jv = kernel.jvp_by_vjp(output, leaves, block, batched)
+        try:
+            with _unfused() if self._dual_pass == "unfused" else contextlib.nullcontext():
+                output, jv = kernel.jvp_dual(lambda ts: self._forward(batch, ts), leaves, vector)
+        except (NotImplementedError, RuntimeError) as err:
+            if not kernel.lacks_forward_ad(err):
+                raise
+            self._dual_pass = "unfused" if self._dual_pass == "fused" else None
+            return None if self._dual_pass is None else self._dual_column(batch, vector)
+        return self._pullback(batch, output, leaves, jv.unsqueeze(0), False)
+
+    def _reverse_matmat(
+        self, batch: Batch, block: list[torch.Tensor], batched: bool
+    ) -> list[torch.Tensor]:
+        leaves = self._leaves()
+        output = self._forward(batch, leaves)
+        jv = kernel.jvp_by_vjp(output, leaves, block, batched)
+        return self._pullback(batch, output, leaves, jv, batched)
+
+    def _pullback(
+        self,
+        batch: Batch,
+        output: torch.Tensor,
+        leaves: list[torch.Tensor],
+        jv: torch.Tensor,
+        batched: bool,
+    ) -> list[torch.Tensor]:
+        if jv.shape[0] == 1:
+            batched = False
         return kernel.ggn_matmat(
             output,
             leaves,

@@ -1,17 +1,25 @@
 """The base class of every curvature operator of a model over a dataset.
 
-The contract of a new operator (subclass ``_ModelOperator``):
+The contract of a new operator (subclass ``_ModelOperator``, call its ``__init__`` with the
+common arguments, then add your own options to ``self._options`` so that ``block()`` can
+rebuild the operator):
 
 - implement ``_batch_matmat(batch, block, batched) -> list[Tensor]``: the curvature of the
-  *summed* loss of one batch, ``S_b`` (``self._batch_loss``), times ``block``, a list with one
-  ``(k, *param.shape)`` stack per selected parameter; return the same form. Use the helpers:
-  ``self._leaves()`` (the tensors to differentiate: the model's own parameters where they
-  require grad), ``self._forward(batch, tensors)`` (the model's output, a plain call when
-  ``tensors`` are the leaves, a functional call otherwise) and the kernel in
-  ``curvscope.derivatives.kernel``. ``batched`` says whether to vmap over the k columns or loop
-  (decided here once, by timing, for blocks of k > 1; always False for one column).
+  *summed* loss of one batch, ``S_b`` (``self._batch_loss(batch, output)``), times ``block``, a
+  list with one ``(k, *param.shape)`` stack per selected parameter (in ``param_names`` order);
+  return the same form. The base class divides the sum over batches by the dataset normaliser
+  (reduction "mean"), so never divide by a batch size. Helpers: ``self._leaves()`` (the tensors
+  to differentiate: the model's own parameters, or detached copies of selected frozen ones),
+  ``self._forward(batch, tensors)`` (the model's output: a plain call when ``tensors`` are the
+  leaves, else with them swapped in; wraps model errors with the batch), ``self._loss_spec``
+  (the loss's closed forms, ``losses``) and the kernel in ``curvscope.derivatives.kernel``.
+  ``batched`` says whether to vmap over the k columns or loop (decided here once, by timing,
+  for blocks of k > 1; always False for one column).
 - optionally ``_start_pass()`` (called before each product pass, e.g. to re-seed sampling) and
   ``_check_output(output, batch)`` (validate the first batch's output).
+- an operator that does not multiply batch by batch (e.g. one that fits factors once) may
+  override ``_matmat(matrix)`` instead, and use ``self._run(batch_fn, zeros)`` for its passes
+  over the data (set-up, guards, normalisation and all-reduce included).
 
 Everything else lives here or in ``_pass``: parameter selection, the data pass with its
 set-up, normalisation ``A = (1/Z) Σ_b A_b`` (mean) or ``Σ_b A_b`` (sum), micro-batching, the
@@ -23,19 +31,20 @@ all-reduce.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from .._checks import check_int, describe, type_error, value_error
+from .._checks import check_int, type_error, value_error
 from ..derivatives import kernel
+from ..derivatives.tree import split_flat
 from ._inputs import (
     check_bool,
-    first_layer,
+    loss_error,
+    model_error,
+    not_twice_differentiable,
     peek_targets,
     select_params,
     warn_train_mode,
@@ -45,26 +54,19 @@ from ._pass import (
     PassOptions,
     differentiable_attention,
     empty_data_error,
+    first_is_faster,
     zero_normaliser_error,
 )
+from ._swap import Slots
 from .base import LinearOperator
-from .data import Batch, check_data, describe_batch, known_size, model_arguments, shapes_of
+from .data import Batch, check_data, known_size, model_arguments
 from .distributed import rank_and_world_size
-from .losses import detect_reduction, resolve_loss, suggest_loss, undetected_reduction
+from .losses import detect_reduction, resolve_loss, undetected_reduction
 
 
-def first_is_faster(
-    first: Callable[[], Any], second: Callable[[], Any], device: torch.device
-) -> bool:
-    """Whether ``first()`` runs at least as fast as ``second()`` (each timed on its second run)."""
-    times = {}
-    for which, run in [(True, first), (False, second), (True, first), (False, second)]:
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times[which] = time.perf_counter() - start
-    return times[True] <= times[False]
+def _passes_through(err: Exception) -> bool:
+    """Errors the products handle themselves (missing forward mode or second derivatives)."""
+    return kernel.lacks_forward_ad(err) or "not implemented" in str(err)
 
 
 class _ModelOperator(LinearOperator):
@@ -107,6 +109,13 @@ class _ModelOperator(LinearOperator):
                 func, "model", "parameters that share one dtype and device", model, "Call .to()."
             )
         self._dtype, self._device, self._num_matvecs = first.dtype, first.device, 0
+        self._locations = [
+            (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+            for name in self._names
+        ]
+        self._modules = list(model.modules())
+        self._param_slots = Slots(model, self._names)
+        self._buffer_slots = Slots(model, [n for n, _ in model.named_buffers()], buffers=True)
         if eval_mode is None:
             warn_train_mode(model, func)
         self._eval_mode = eval_mode is not False
@@ -156,28 +165,26 @@ class _ModelOperator(LinearOperator):
         """The full-data loss at ``θ + delta`` (``delta`` flat (P,) or a dict); model untouched."""
         shift = None if delta is None else self._delta(delta)
 
-        def batch_loss(batch: Batch) -> torch.Tensor:
+        def batch_loss(batch: Batch) -> list[torch.Tensor]:
             with torch.no_grad():
                 tensors = self._leaves()
                 if shift is not None:
                     pieces = kernel.stack_block(shift[:, None], self._shapes())
                     tensors = [t.detach() + d[0] for t, d in zip(tensors, pieces, strict=True)]
-                return self._batch_loss(batch, self._forward(batch, tensors)).detach()
+                return [self._batch_loss(batch, self._forward(batch, tensors)).detach()]
 
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        return float(self._run(batch_loss, total))
+        return float(self._run(batch_loss, [self._zero()])[0])
 
     def gradient(self) -> tuple[float, torch.Tensor]:
         """The full-data loss and its gradient, flat (P,), with respect to the selected params."""
 
-        def batch_grad(batch: Batch) -> torch.Tensor:
+        def batch_grad(batch: Batch) -> list[torch.Tensor]:
             leaves = self._leaves()
             value = self._batch_loss(batch, self._forward(batch, leaves))
-            grads = kernel.gradient(value, leaves)
-            return torch.cat([value.detach().reshape(1), *(g.reshape(-1) for g in grads)])
+            return [value.detach(), *kernel.gradient(value, leaves)]
 
-        total = torch.zeros(self.shape[0] + 1, dtype=self.dtype, device=self.device)
-        total = self._run(batch_grad, total)
+        zeros = [self._zero(), *(self._zero(shape) for shape in self._shapes())]
+        total = self._run(batch_grad, zeros)
         return float(total[0]), total[1:]
 
     def block(self, names: Sequence[str]) -> _ModelOperator:
@@ -190,13 +197,19 @@ class _ModelOperator(LinearOperator):
         with self._guard():
             matrix = matrix.clone() if matrix.is_inference() else matrix
             block = kernel.stack_block(matrix, self._shapes())
+            if matrix.shape[1] > 1 and self._batched is None:
+                self._start_pass()
             batched = matrix.shape[1] > 1 and self._block_policy(block)
             self._start_pass()
 
-            def batch_fn(batch: Batch) -> torch.Tensor:
-                return kernel.unstack_block(self._batch_matmat(batch, block, batched))
+            def batch_fn(batch: Batch) -> list[torch.Tensor]:
+                return self._batch_matmat(batch, block, batched)
 
-            return self._accumulate(batch_fn, torch.zeros_like(matrix))
+            total = self._accumulate(batch_fn, [torch.zeros_like(b) for b in block])
+            k = matrix.shape[1]
+            if k == 1:
+                return total[:, None]
+            return kernel.unstack_block(split_flat(total, [b.shape for b in block]))
 
     def _block_policy(self, block: list[torch.Tensor]) -> bool:
         """Vmap blocks of columns or loop over them: timed once on the first batch, on up to
@@ -216,30 +229,27 @@ class _ModelOperator(LinearOperator):
                 self._batched = False
         return self._batched
 
-    def _run(self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+    def _zero(self, shape: Sequence[int] = ()) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _run(
+        self, batch_fn: Callable[[Batch], list[torch.Tensor]], zeros: list[torch.Tensor]
+    ) -> torch.Tensor:
         self._setup()
-        with self._guard():
-            return self._accumulate(batch_fn, total)
+        with self._guard(second_order=False):
+            return self._accumulate(batch_fn, zeros)
 
     def _accumulate(
-        self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor
+        self, batch_fn: Callable[[Batch], list[torch.Tensor]], zeros: list[torch.Tensor]
     ) -> torch.Tensor:
         try:
-            return self._pass.accumulate(batch_fn, total, self._scale)
+            return self._pass.accumulate(batch_fn, zeros, self._scale)
         except kernel.NotTwiceDifferentiableError as err:
-            raise self._not_twice_differentiable(err) from err
+            raise not_twice_differentiable(self._func, self._loss_spec.name, err) from err
         except RuntimeError as err:
             if "derivative for" in str(err) and "not implemented" in str(err):
-                raise self._not_twice_differentiable(err) from err
+                raise not_twice_differentiable(self._func, self._loss_spec.name, err) from err
             raise
-
-    def _not_twice_differentiable(self, err: BaseException) -> ValueError:
-        return ValueError(
-            f"curvscope.{self._func}(loss_fn=...): torch cannot take the second derivative "
-            f"needed here, of loss_fn {self._loss_spec.name} or of an operation in the model "
-            f"({str(err).splitlines()[0]}). Use a twice-differentiable loss (or model), or "
-            "FisherOperator(kind='empirical'), which needs first derivatives only."
-        )
 
     # -- set-up on first use ---------------------------------------------------------------------
     def _setup(self) -> None:
@@ -247,7 +257,7 @@ class _ModelOperator(LinearOperator):
         is finite and deterministic."""
         if self._pass.ready:
             return
-        with self._guard():
+        with self._guard(second_order=False):
 
             def output_of(batch: Batch) -> Any:
                 return self._forward(batch, self._leaves())
@@ -290,58 +300,66 @@ class _ModelOperator(LinearOperator):
     def _shapes(self) -> list[torch.Size]:
         return list(self._param_shapes.values())
 
+    #: The selected parameters and the leaves to differentiate, read once per pass (in _guard).
+    _pass_params: list[torch.Tensor] | None = None
+    _pass_leaves: list[torch.Tensor] | None = None
+    _pass_own = False
+
+    def _read_params(self) -> list[torch.Tensor]:
+        """The selected parameters as the model holds them now (read where they live)."""
+        try:
+            return [module._parameters[attr] for module, attr in self._locations]
+        except (KeyError, AttributeError):  # the model was restructured: look them up again
+            named = dict(self._model.named_parameters())
+            return [named[name] for name in self._names]
+
     def _leaves(self) -> list[torch.Tensor]:
         """The tensors to differentiate: the model's own parameters (which autograd tracks
         without writing ``.grad``), or detached copies of those that do not require grad."""
-        named = dict(self._model.named_parameters())
-        params = [named[name] for name in self._names]
+        if self._pass_leaves is not None:
+            return self._pass_leaves
+        params = self._read_params()
         return [p if p.requires_grad else p.detach().requires_grad_(True) for p in params]
 
     def _forward(self, batch: Batch, tensors: Sequence[torch.Tensor]) -> Any:
         """The model's output on ``batch`` with ``tensors`` for the selected parameters: a plain
-        call when they are the model's own, else a functional call; the model is untouched."""
+        call when they are the model's own, else with them swapped in (``_swap``) and back out."""
         args, kwargs = model_arguments(batch.inputs)
-        named = dict(self._model.named_parameters())
-        own = all(t is named[n] for t, n in zip(tensors, self._names, strict=True))
+        if tensors is self._pass_leaves:
+            own = self._pass_own
+        else:
+            params = self._pass_params or self._read_params()
+            own = all(t is p for t, p in zip(tensors, params, strict=True))
         try:
             if own and not self._copy_buffers:
                 return self._model(*args, **kwargs)
-            replaced = dict(zip(self._names, tensors, strict=True))
-            if self._copy_buffers:  # train-mode BatchNorm updates buffers: fresh copies here
-                replaced.update({n: b.clone() for n, b in self._model.named_buffers()})
-            return functional_call(self._model, replaced, args, kwargs)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(self._param_slots.substituted(tensors))
+                if self._copy_buffers:  # train-mode BatchNorm updates buffers: fresh copies
+                    copies = [b.clone() for b in self._model.buffers()]
+                    stack.enter_context(self._buffer_slots.substituted(copies))
+                return self._model(*args, **kwargs)
         except Exception as err:
             if kernel.lacks_forward_ad(err):
                 raise
-            raise self._model_error(batch, err) from err
-
-    def _model_error(self, batch: Batch, err: Exception) -> ValueError:
-        return ValueError(
-            f"curvscope.{self._func}(data=...): model(inputs) failed on "
-            f"{describe_batch(batch)}; inputs {shapes_of(batch.inputs)}, targets "
-            f"{shapes_of(batch.targets)}.{first_layer(self._model)} The model said: "
-            f"{type(err).__name__}: {err}. Check that the inputs fit the model (a Tensor is "
-            "passed as model(x), a tuple as model(*x), a dict as model(**x))."
-        )
+            raise model_error(self._func, self._model, batch, err) from err
 
     def _batch_loss(self, batch: Batch, output: Any) -> torch.Tensor:
         """``S_b``: the summed loss of ``batch`` (see ``losses``)."""
-        summed = self._loss_spec.summed
-        return self._call_loss(lambda: summed(output, batch.targets, batch.size), batch, output)
+        try:
+            return self._loss_spec.summed(output, batch.targets, batch.size)
+        except Exception as err:
+            if _passes_through(err):
+                raise
+            raise loss_error(self._func, batch, output, err) from err
 
     def _call_loss(self, call: Callable[[], Any], batch: Batch, output: Any) -> Any:
         try:
             return call()
         except Exception as err:
-            if kernel.lacks_forward_ad(err) or "not implemented" in str(err):
+            if _passes_through(err):
                 raise
-            raise ValueError(
-                f"curvscope.{self._func}(loss_fn=...): loss_fn(output, targets) failed on "
-                f"{describe_batch(batch)} with output {describe(output)} and targets "
-                f"{describe(batch.targets)}: {err}. Check that data yields targets that fit "
-                "loss_fn (class indices of dtype long for cross-entropy, the output's shape "
-                f"for MSE); for these targets, {suggest_loss(batch.targets)} fits."
-            ) from err
+            raise loss_error(self._func, batch, output, err) from err
 
     def _delta(self, delta: Any) -> torch.Tensor:
         func = f"{self._func}.loss"
@@ -350,11 +368,12 @@ class _ModelOperator(LinearOperator):
         return self._check_tensor(delta, func, "delta", ndim=1)
 
     @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
+    def _guard(self, *, second_order: bool = True) -> Iterator[None]:
         """Eval mode (unless eval_mode=False), gradients on (also under no_grad or
-        inference_mode), the global RNG state and attention kernels that support second
-        derivatives; everything restored afterwards."""
-        flags = [(module, module.training) for module in self._model.modules()]
+        inference_mode), the global RNG state, and for ``second_order`` products attention
+        kernels that support second derivatives (loss and gradient keep the fused ones);
+        everything restored afterwards."""
+        flags = [module.training for module in self._modules]
         devices = []
         if self.device.type == "cuda":
             devices = [self.device.index if self.device.index is not None else 0]
@@ -363,11 +382,19 @@ class _ModelOperator(LinearOperator):
                 torch.inference_mode(False),
                 torch.enable_grad(),
                 torch.random.fork_rng(devices=devices),
-                differentiable_attention(),
+                differentiable_attention() if second_order else contextlib.nullcontext(),
             ):
                 if self._eval_mode:
-                    self._model.eval()
+                    for module in self._modules:  # as model.eval(), without Module.__setattr__
+                        module.__dict__["training"] = False
+                self._pass_params = None
+                self._pass_leaves = self._leaves()
+                self._pass_params = self._read_params()
+                self._pass_own = all(
+                    t is p for t, p in zip(self._pass_leaves, self._pass_params, strict=True)
+                )
                 yield
         finally:
-            for module, flag in flags:
-                module.training = flag
+            self._pass_params = self._pass_leaves = None
+            for module, flag in zip(self._modules, flags, strict=True):
+                module.__dict__["training"] = flag

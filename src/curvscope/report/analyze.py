@@ -18,6 +18,7 @@ from torch import nn
 from .. import estimators as _estimators
 from .. import operators as _operators
 from .._checks import check_choice, check_int, type_error
+from ..derivatives.tree import join
 from . import interpret
 from .landscape import loss_landscape
 from .progress import StepRunner, iterate
@@ -217,7 +218,7 @@ def _layer(
     budget = max(3, min(settings["trace_matvecs"], 3 * size))
     trace = _estimators.trace(block, num_matvecs=budget, seed=seed)
     by_name = diagonal.estimate.by_name()
-    values = torch.cat([by_name[key].reshape(-1) for key in names]).double().cpu()
+    values = join([by_name[key] for key in names]).double().cpu()
     return LayerResult(
         name=name,
         param_names=tuple(names),

@@ -1,4 +1,4 @@
-"""Timed steps with an optional rich progress display on stderr (time estimates included)."""
+"""Timed steps of ``analyze``, shown with the library's one progress display (``_progress``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from .._progress import Display
 from .result import Step
 
 T = TypeVar("T")
@@ -14,7 +15,7 @@ T = TypeVar("T")
 class StepRunner:
     """Run named steps, timing each and counting the products of the tracked operators.
 
-    With ``progress=True`` a rich progress display on stderr shows the current step, the steps
+    With ``progress=True`` a transient display on stderr shows the current step, the steps
     done and an estimate of the time left; steps with many parts (landscape points, layers)
     get their own bar.
     """
@@ -22,42 +23,15 @@ class StepRunner:
     def __init__(self, num_steps: int, *, progress: bool) -> None:
         self.steps: list[Step] = []
         self._operators: list[Any] = []
-        self._num_steps = num_steps
-        self._progress = None
-        self._overall = None
-        if progress:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description:<22}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
+        self._display = Display(progress, eta=True, transient=True)
+        self._overall = self._display.add("curvscope analyze", num_steps)
 
     def __enter__(self) -> StepRunner:
-        if self._progress is not None:
-            self._progress.start()
-            self._overall = self._progress.add_task("curvscope analyze", total=self._num_steps)
+        self._display.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+    def __exit__(self, *exc: Any) -> None:
+        self._display.__exit__(*exc)
 
     def track(self, operator: Any) -> Any:
         """Count the products of ``operator`` in the steps that follow; returns it."""
@@ -76,28 +50,18 @@ class StepRunner:
         loss_evaluations: Callable[[T], int] | None = None,
     ) -> T:
         """Run ``func`` as step ``name``; with ``parts``, ``func`` receives an ``advance()``."""
-        task = None
-        if self._progress is not None:
-            self._progress.update(self._overall, description=f"curvscope: {name}")
-            if parts is not None:
-                task = self._progress.add_task(f"  {name}", total=parts)
+        self._overall.update(description=f"curvscope: {name}")
         before, start = self._products(), time.perf_counter()
         if parts is None:
             result = func()
         else:
-
-            def advance() -> None:
-                if task is not None:
-                    self._progress.advance(task)
-
-            result = func(advance)
+            bar = self._display.add(f"  {name}", parts)
+            result = func(bar.advance)
+            self._display.remove(bar)
         seconds = time.perf_counter() - start
         evaluations = 0 if loss_evaluations is None else loss_evaluations(result)
         self.steps.append(Step(name, seconds, self._products() - before, evaluations))
-        if self._progress is not None:
-            if task is not None:
-                self._progress.remove_task(task)
-            self._progress.advance(self._overall)
+        self._overall.advance()
         return result
 
 
