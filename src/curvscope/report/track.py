@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._progress import progress_bar
 from ..operators.data import model_arguments
 from ..tracking import SharpnessRecord, SharpnessTracker
 from .result import _replace_directory
@@ -160,8 +161,8 @@ def train_and_track(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     tracker = SharpnessTracker(model, loss_fn, data, k=k, every=every, seed=seed)
     losses: list[float] = []
-    status, start = "completed", time.perf_counter()
-    with _progress(progress, steps) as advance:
+    status, start, sharpness = "completed", time.perf_counter(), None
+    with progress_bar(progress, "training + sharpness", steps + 1, unit="steps") as bar:
         for step in range(steps + 1):
             opt.zero_grad(set_to_none=True)
             losses.append(_full_batch_loss(model, loss_fn, data, total))
@@ -171,7 +172,8 @@ def train_and_track(
             record = tracker.update(step)
             if step < steps:
                 opt.step()
-            advance(record)
+            sharpness = sharpness if record is None else record.sharpness
+            bar.update(step + 1, loss=losses[-1], sharpness=sharpness)
     model.zero_grad(set_to_none=True)
     return TrackReport(
         model=name,
@@ -187,48 +189,3 @@ def train_and_track(
         status=status,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
-
-
-class _progress:
-    """A rich progress bar over the steps (on stderr), showing the latest sharpness."""
-
-    def __init__(self, enabled: bool, steps: int) -> None:
-        self._enabled, self._steps, self._bar = enabled, steps, None
-
-    def __enter__(self) -> Callable[[Any], None]:
-        if not self._enabled:
-            return lambda record: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("training + sharpness"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[sharpness]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self._bar.__enter__()
-        task = self._bar.add_task("train", total=self._steps + 1, sharpness="")
-
-        def advance(record: Any) -> None:
-            fields = {}
-            if record is not None:
-                fields["sharpness"] = f"λ_max {record.sharpness:.4g}"
-            self._bar.update(task, advance=1, **fields)
-
-        return advance
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
