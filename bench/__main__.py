@@ -10,29 +10,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from .environment import header
 from .harness import MALLOC_ENV, MEMORY, Config, Table
 
+#: Case modules run first, in this order; every other ``bench/cases_*.py`` follows by name.
+_FIRST = ["derivatives", "operators", "estimators", "lanczos_scale", "analyze"]
+
 
 def _cases():
-    from . import cases_analyze, cases_derivatives, cases_estimators, cases_operators, cases_optim
-    from .cases_lanczos_scale import CASES as LANCZOS_SCALE
-
-    return [
-        *cases_derivatives.CASES,
-        *cases_operators.CASES,
-        *cases_estimators.CASES,
-        *LANCZOS_SCALE,
-        *cases_analyze.CASES,
-        *cases_optim.CASES,
-    ]
+    """Every case of every ``bench/cases_*.py`` module (a new module needs no registration)."""
+    found = sorted(path.stem[len("cases_") :] for path in Path(__file__).parent.glob("cases_*.py"))
+    names = [name for name in _FIRST if name in found] + [n for n in found if n not in _FIRST]
+    return [case for name in names for case in importlib.import_module(f"bench.cases_{name}").CASES]
 
 
 def _memory_child(name: str, quick: bool) -> list[dict[str, float]] | None:

@@ -2,7 +2,8 @@
 
 Layers point one way: ``derivatives`` (functions of tensors) <- ``operators`` (curvature of a
 model over a dataset, and the data/distributed layer) <- ``estimators`` (eigenvalues, trace,
-diagonal, density, solve) <- ``report`` (analysis, plots, HTML) <- ``cli``.
+diagonal, density, solve) <- applications (``influence``) <- ``report`` (analysis, plots,
+HTML) <- ``cli``.
 
 The public surface is what this module exports.
 """
@@ -16,6 +17,7 @@ from . import (
 )
 from .derivatives import *  # noqa: F403
 from .estimators import *  # noqa: F403
+from .influence import InfluenceFunction, InfluenceTop
 from .operators import *  # noqa: F403
 from .report import *  # noqa: F403
 from .tracking import SharpnessRecord, SharpnessTracker
@@ -27,6 +29,8 @@ __all__ = [
     *operators.__all__,
     *estimators.__all__,
     *report.__all__,
+    "InfluenceFunction",
+    "InfluenceTop",
     "SharpnessRecord",
     "SharpnessTracker",
 ]

@@ -1,7 +1,7 @@
 """The command-line interface: ``curvscope analyze`` (typer + rich).
 
 The CLI only parses arguments and calls the public Python API (``curvscope.analyze``,
-``Report.save``, the loading helpers of ``curvscope.report.loading``).
+``Report.save``, the loading helpers of ``curvscope.cli.loading``).
 """
 
 from __future__ import annotations

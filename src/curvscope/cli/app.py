@@ -96,6 +96,71 @@ def analyze(
         _fail(f"the analysis failed ({type(error).__name__}: {detail}); no report written.", 1)
 
 
+@app.command()
+def influence(
+    model: Annotated[
+        str | None, typer.Option(help="Model factory 'package.module:factory' (built-in if unset).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="State dict file (loaded with weights_only=True).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Training data factory 'package.module:factory' -> batches.")
+    ] = None,
+    test_data: Annotated[
+        str | None,
+        typer.Option(help="Test data factory -> batches (default: the first training examples)."),
+    ] = None,
+    loss: Annotated[
+        str, typer.Option(help="cross_entropy, mse or 'package.module:callable'.")
+    ] = "cross_entropy",
+    curvature: Annotated[
+        str, typer.Option(help="ggn, hessian, fisher, kfac, ekfac, diagonal or identity.")
+    ] = "ggn",
+    solver: Annotated[str, typer.Option(help="auto, exact, cg, lowrank or lissa.")] = "auto",
+    damping: Annotated[
+        float | None, typer.Option(help="Damping λ (default: 0.1 x mean eigenvalue).")
+    ] = None,
+    params: Annotated[
+        str | None, typer.Option(help="Comma-separated parameter names, globs or regexes.")
+    ] = None,
+    num_test: Annotated[int, typer.Option(help="Test examples to explain.")] = 8,
+    top: Annotated[int, typer.Option(help="Most helpful and most harmful examples shown.")] = 5,
+    flip_fraction: Annotated[
+        float, typer.Option(help="Built-in example: fraction of training labels flipped.")
+    ] = 0.1,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Examples per chunk of per-example gradients.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of the example and every random choice.")] = 0,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("curvscope-influence"),
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the results JSON on stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress and no summary.")] = False,
+) -> None:
+    """Explain predictions by the training examples behind them (influence functions) and find
+    likely mislabelled training examples; writes an HTML report (built-in example: digits with
+    flipped labels)."""
+    options = dict(locals())
+    from .loading import BadInputError
+
+    try:
+        from .influence import run
+
+        run(**options)
+    except BadInputError as error:
+        _fail(str(error), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; no report was written.", 130)
+    except Exception as error:
+        detail = " ".join(str(error).split())
+        name = type(error).__name__
+        _fail(f"the influence computation failed ({name}: {detail}); no report written.", 1)
+
+
 def _fail(text: str, code: int) -> None:
     print(f"curvscope: error: {text}", file=sys.stderr)
     raise typer.Exit(code)

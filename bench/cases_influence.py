@@ -1,0 +1,254 @@
+"""Issue 11: influence functions. The linear datamodeling score (LDS, Park et al. 2023) on the
+digits MLP, and the time and memory of scores of 100 test x all training examples, side by side
+with dattri (IF, TRAK) and Kronfluence (EKFAC) where they import.
+
+LDS: the MLP is trained (full-batch Adam, 300 steps, a fixed initialisation) on 1,500 digits;
+50 random half-subsets of the training set are drawn (seeded) and the same training is rerun on
+each. For test example i and subset S the prediction is ``−Σ_{j∈S} score(i, j)`` (scores in
+curvscope's convention: positive = j lowers i's loss), the truth is i's loss after training on
+S, and LDS is the Spearman correlation over the subsets, averaged over 100 test examples.
+A peer whose scores correlate negatively with plain gradient similarity is flipped to
+curvscope's sign convention first (stated per row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+import curvscope
+from curvscope.report.digits import digits_mlp, load_digits
+
+from .harness import Config, Table, memory_variants, mib, time_variants
+
+NUM_TRAIN, NUM_TEST, NUM_SUBSETS, STEPS = 1500, 100, 50, 300
+PEERS = ("dattri", "kronfluence")
+
+
+def _split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    inputs, labels = load_digits()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, test = order[:NUM_TRAIN], order[NUM_TRAIN:][:NUM_TEST]
+    return (inputs[train], labels[train]), (inputs[test], labels[test])
+
+
+def _train(x: torch.Tensor, y: torch.Tensor, steps: int = STEPS) -> nn.Module:
+    model = digits_mlp(seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def _test_losses(model: nn.Module, test) -> torch.Tensor:
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(test[0]), test[1], reduction="none")
+
+
+# -- the methods: each returns scores (n_test, n_train), positive = helpful ------------------
+def _curvscope(curvature: str, solver: str = "auto") -> Callable:
+    def run(model, train, test):
+        influence = curvscope.InfluenceFunction(
+            model, nn.CrossEntropyLoss(), [train], curvature=curvature, solver=solver
+        )
+        return influence.scores(test)
+
+    return run
+
+
+def _dattri_task(model):
+    from dattri.task import AttributionTask
+
+    def loss(params, pair):  # one example (batched or not) or a batch: the mean loss
+        image, label = pair
+        output = torch.func.functional_call(model, params, image.reshape(-1, 64))
+        return nn.functional.cross_entropy(output, label.reshape(-1))
+
+    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+
+
+def _loaders(train, test):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return (
+        DataLoader(TensorDataset(*train), batch_size=500, shuffle=False),
+        DataLoader(TensorDataset(*test), batch_size=NUM_TEST, shuffle=False),
+    )
+
+
+def _dattri_if(model, train, test):
+    from dattri.algorithm.influence_function import IFAttributorCG
+
+    damping = curvscope.InfluenceFunction(model, nn.CrossEntropyLoss(), [train]).damping
+    attributor = IFAttributorCG(task=_dattri_task(model), regularization=damping)
+    train_loader, test_loader = _loaders(train, test)
+    attributor.cache(train_loader)
+    return attributor.attribute(train_loader, test_loader).T.detach()
+
+
+def _dattri_trak(model, train, test):
+    from dattri.algorithm.trak import TRAKAttributor
+
+    def probability(params, pair):
+        image, label = pair
+        output = torch.func.functional_call(model, params, image.reshape(-1, 64))
+        return torch.exp(-nn.functional.cross_entropy(output, label.reshape(-1)))
+
+    attributor = TRAKAttributor(
+        task=_dattri_task(model),
+        correct_probability_func=probability,
+        projector_kwargs={"device": "cpu", "proj_dim": 512},
+        device="cpu",
+    )
+    train_loader, test_loader = _loaders(train, test)
+    attributor.cache(train_loader)
+    return attributor.attribute(test_loader).T.detach()
+
+
+def _kronfluence(model, train, test):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, labels = batch
+            logits = model(inputs)
+            if sample:
+                with torch.no_grad():
+                    probabilities = torch.softmax(logits.detach(), dim=-1)
+                    labels = torch.multinomial(probabilities, 1).flatten()
+            return nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, labels = batch
+            return nn.functional.cross_entropy(model(inputs), labels, reduction="sum")
+
+    task = Classification()
+    copy = digits_mlp(seed=0)
+    copy.load_state_dict(model.state_dict())
+    prepared = prepare_model(copy.eval(), task)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        analyzer = Analyzer("bench", prepared, task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer.fit_all_factors(
+            "ekfac", TensorDataset(*train), per_device_batch_size=500,
+            factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True,
+        )  # fmt: skip
+        analyzer.compute_pairwise_scores(
+            "scores", "ekfac", query_dataset=TensorDataset(*test),
+            train_dataset=TensorDataset(*train), per_device_query_batch_size=NUM_TEST,
+            per_device_train_batch_size=500, overwrite_output_dir=True,
+        )  # fmt: skip
+        return analyzer.load_pairwise_scores("scores")["all_modules"].detach()
+
+
+def _methods() -> dict[str, Callable]:
+    methods = {
+        "curvscope GGN, exact": _curvscope("ggn", "exact"),
+        "curvscope GGN, CG": _curvscope("ggn", "cg"),
+        "curvscope identity (gradient similarity)": _curvscope("identity"),
+    }
+    for name, curvature in (("KFACOperator", "kfac"), ("EKFACOperator", "ekfac")):
+        if hasattr(curvscope, name):
+            methods[f"curvscope {curvature.upper()}"] = _curvscope(curvature)
+    for peer in PEERS:
+        try:
+            __import__(peer)
+        except Exception:  # not installed here: its rows say so
+            continue
+        if peer == "dattri":
+            methods["dattri IF (CG, same damping)"] = _dattri_if
+            methods["dattri TRAK (1 model, 512 dims)"] = _dattri_trak
+        else:
+            methods["Kronfluence EKFAC"] = _kronfluence
+    return methods
+
+
+def _lds(scores: torch.Tensor, masks: torch.Tensor, actual: torch.Tensor) -> float:
+    predicted = -(masks.double() @ scores.double().T)  # (subsets, tests)
+    values = [spearmanr(predicted[:, i], actual[:, i]).statistic for i in range(actual.shape[1])]
+    return float(np.nanmean(values))
+
+
+def lds_case(cfg: Config) -> list[Table]:
+    subsets = cfg.n(NUM_SUBSETS, 6)
+    table = Table(
+        f"LDS on the digits MLP (2,410 parameters, {NUM_TRAIN:,} training digits, "
+        f"{NUM_TEST} test digits, {subsets} retrainings on random half-subsets)",
+        ["method", "LDS (mean Spearman)", "time to score (s)", "sign flipped"],
+    )
+    train, test = _split()
+    model = _train(*train)
+    generator = torch.Generator().manual_seed(1)
+    masks = torch.stack([torch.randperm(NUM_TRAIN, generator=generator) < NUM_TRAIN // 2
+                         for _ in range(subsets)])  # fmt: skip
+    actual = torch.stack([_test_losses(_train(train[0][m], train[1][m]), test) for m in masks])
+    similarity = _curvscope("identity")(model, train, test)
+    best = {"curvscope": -1.0, "peer": -1.0}
+    for name, method in _methods().items():
+        start = time.perf_counter()
+        try:
+            scores = method(model, train, test)
+        except Exception as error:  # a failing peer must not hide the others
+            table.add(name, f"failed: {type(error).__name__}: {str(error)[:80]}", "-", "-")
+            continue
+        seconds = time.perf_counter() - start
+        flip = float((scores * similarity).sum()) < 0
+        value = _lds(-scores if flip else scores, masks, actual)
+        table.add(name, value, seconds, flip)
+        side = "curvscope" if name.startswith("curvscope") else "peer"
+        best[side] = max(best[side], value)
+    missing = [p for p in PEERS if not any(p in row[0].lower() for row in table.rows)]
+    if missing:
+        table.notes.append(f"not installed here, so not run: {', '.join(missing)}")
+    table.notes.append(
+        "One retraining per subset from the same initialisation (deterministic full-batch "
+        "Adam); damping: curvscope's default 0.1 x mean eigenvalue, the same λ for dattri IF; "
+        "Kronfluence's own default damping."
+    )
+    if best["peer"] > -1:
+        table.check(
+            "curvscope's best LDS >= the best peer's",
+            f"{best['curvscope']:.3f} vs {best['peer']:.3f}",
+            best["curvscope"] >= best["peer"],
+        )
+    return [table]
+
+
+def timing_case(cfg: Config) -> list[Table]:
+    table = Table(
+        f"Scores of {NUM_TEST} test x {NUM_TRAIN:,} training digits on the digits MLP "
+        "(set-up included), float32",
+        ["method", "time (s)", "peak memory (MiB)"],
+    )
+    train, test = _split()
+    model = _train(*train, steps=cfg.n(STEPS, 20))
+    variants = {name: (lambda m=m: m(model, train, test)) for name, m in _methods().items()}
+    times = time_variants(variants, cfg)
+    memory = memory_variants(variants)
+    for name in variants:
+        table.add(name, times[name].median, mib(memory[name]))
+    table.notes.append(
+        "The ResNet-18-sized CNN is not timed here: bench/models_scale.py (the bench helper's "
+        "ResNet-18) is not on this branch, and scores for thousands of images on the 2-core "
+        "CPU of this machine would take hours with every method."
+    )
+    return [table]
+
+
+CASES = [
+    ("influence/lds", "Issue 11: influence functions, LDS", lds_case, False),
+    ("influence/timing", "Issue 11: influence functions, time and memory", timing_case, True),
+]

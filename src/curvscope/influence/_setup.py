@@ -1,0 +1,160 @@
+"""Validation and set-up for InfluenceFunction: the curvature operator, the parameter names,
+the solver choice, and a small progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import nn
+
+from .._checks import check_choice, type_error, value_error
+
+FUNC = "InfluenceFunction"
+CURVATURES = ("ggn", "hessian", "fisher", "kfac", "ekfac", "diagonal", "identity")
+SOLVER_NAMES = ("auto", "exact", "cg", "lowrank", "lissa")
+#: curvature name -> the curvscope class (looked up when used: they come with issue 10).
+STRUCTURED = {"kfac": "KFACOperator", "ekfac": "EKFACOperator", "diagonal": "GGNDiagonalOperator"}
+#: ``solver="auto"`` builds the dense matrix up to this many parameters, and uses CG above.
+AUTO_EXACT_MAX_PARAMS = 4096
+
+
+def is_operator(value: Any) -> bool:
+    """Whether ``value`` has the operator interface (shape, dtype, device, matmat)."""
+    return all(hasattr(value, name) for name in ("shape", "dtype", "device", "matmat"))
+
+
+def check_curvature(curvature: Any) -> str | Any:
+    """A curvature name from CURVATURES, or an operator object (returned as is)."""
+    if isinstance(curvature, str):
+        return check_choice(FUNC, "curvature", curvature, CURVATURES)
+    if is_operator(curvature):
+        shape = tuple(curvature.shape)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise value_error(FUNC, "curvature", "a square operator of shape (P, P)", curvature)
+        return curvature
+    listed = ", ".join(repr(c) for c in CURVATURES)
+    raise type_error(
+        FUNC,
+        "curvature",
+        f"one of {listed} or a curvscope operator",
+        curvature,
+        "Pass a name, or an operator such as curvscope.GGNOperator(model, loss_fn, data).",
+    )
+
+
+def structured_class(name: str) -> Any:
+    """``curvscope.KFACOperator`` etc., or a clear error when this curvscope lacks it."""
+    import curvscope
+
+    cls = getattr(curvscope, STRUCTURED[name], None)
+    if cls is None:
+        raise ValueError(
+            f"curvscope.{FUNC}(curvature={name!r}): this curvscope has no "
+            f"curvscope.{STRUCTURED[name]} (the structured curvatures of issue 10). Use "
+            "curvature='ggn', 'hessian', 'fisher' or 'identity', or pass an operator."
+        )
+    return cls
+
+
+def select_params(model: nn.Module, params: Any) -> list[str]:
+    """Parameter names in model order: ``params`` (validated) or all with requires_grad."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [name for name, p in named.items() if p.requires_grad]
+        if not names:
+            raise value_error(
+                FUNC,
+                "model",
+                "a model with at least one parameter with requires_grad=True",
+                model,
+                f"Pass params=[...] from {list(named)}.",
+            )
+        return names
+    if isinstance(params, str) or not isinstance(params, Sequence):
+        raise type_error(
+            FUNC, "params", "None or a list of parameter names", params, f"Valid: {list(named)}."
+        )
+    unknown = [name for name in params if name not in named]
+    if unknown or not params or len(set(params)) != len(params):
+        raise value_error(
+            FUNC,
+            "params",
+            f"a non-empty list of distinct names from {list(named)}",
+            params,
+            f"Unknown: {unknown}. Names come from model.named_parameters().",
+        )
+    return [name for name in named if name in set(params)]
+
+
+def operator_names(model: nn.Module, op: Any, params: Any) -> list[str]:
+    """The parameter names a user-supplied operator acts on, checked against its size."""
+    names = getattr(op, "param_names", None)
+    named = dict(model.named_parameters())
+    if params is not None or not names or any(name not in named for name in names):
+        if params is None:
+            raise value_error(
+                FUNC,
+                "params",
+                "the parameter names the curvature operator acts on",
+                None,
+                "The operator does not name model parameters (op.param_names); pass params=[...] "
+                "in the order of its rows.",
+            )
+        names = select_params(model, params)
+    size = sum(named[name].numel() for name in names)
+    if size != op.shape[0]:
+        raise value_error(
+            FUNC,
+            "curvature",
+            f"an operator of size {size} (the parameters {names})",
+            op,
+            "Build it on the same model and params.",
+        )
+    return list(names)
+
+
+def same_names(op: Any, names: list[str]) -> list[str]:
+    """The operator's parameter order, checked to hold the same parameters as ``names``."""
+    order = list(getattr(op, "param_names", names))
+    if sorted(order) != sorted(names):
+        raise value_error(
+            FUNC,
+            "params",
+            f"parameters the structured curvature supports ({order})",
+            names,
+            "Restrict params= to the parameters of supported layers.",
+        )
+    return order
+
+
+def resolve_solver(solver: str, curvature: Any, op: Any, size: int) -> str:
+    """The solver that ``solver="auto"`` stands for (see InfluenceFunction)."""
+    if curvature == "identity":
+        return "identity"
+    if solver != "auto":
+        return solver
+    if callable(getattr(op, "inverse", None)) or size <= AUTO_EXACT_MAX_PARAMS:
+        return "exact"
+    return "cg"
+
+
+class ProgressBar:
+    """A rich progress bar on stderr when enabled; a no-op otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Any]:
+        if not self.enabled:
+            yield lambda steps=1: None
+            return
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(file=sys.stderr), transient=True) as bar:
+            task = bar.add_task(description, total=max(total, 1))
+            yield lambda steps=1: bar.advance(task, steps)
