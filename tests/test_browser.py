@@ -15,7 +15,7 @@ import user_model
 
 import curvscope
 
-SECTIONS = ("summary", "eigenvalues", "density", "landscape", "layers")
+SECTIONS = ("summary", "eigenvalues", "density", "landscape", "layers", "uncertainty")
 
 # Appended to a copy of the page: after load, record how many images failed to decode and
 # which sections are rendered with a non-zero height.
@@ -63,6 +63,7 @@ def test_report_loads_in_chromium_with_every_image_and_section(tmp_path):
     report = curvscope.analyze(
         user_model.build_model(), torch.nn.CrossEntropyLoss(), user_model.build_data(),
         top_k=2, bottom_k=1, trace_matvecs=20, progress=False,
+        held_out=user_model.build_held_out(),
     )  # fmt: skip
     directory = report.save(tmp_path / "report")
     page = (directory / "index.html").read_text(encoding="utf-8")
@@ -74,7 +75,7 @@ def test_report_loads_in_chromium_with_every_image_and_section(tmp_path):
     )  # fmt: skip
     match = re.search(r"images=(\d+) broken=(\d+) sections=([\w,]*)", done.stdout)
     assert match, f"no probe in the dumped page; chromium said: {done.stderr[-2000:]}"
-    assert int(match.group(1)) == 6
+    assert int(match.group(1)) == 8
     assert int(match.group(2)) == 0
     assert match.group(3).split(",") == list(SECTIONS)
     shot = tmp_path / "shot.png"

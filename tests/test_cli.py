@@ -179,7 +179,8 @@ def test_help_lists_every_option():
     assert result.exit_code == 0
     for option in ("--model", "--checkpoint", "--data", "--loss", "--curvature", "--params",
                    "--top-k", "--bottom-k", "--trace-matvecs", "--no-density", "--no-landscape",
-                   "--device", "--dtype", "--seed", "--out", "--json", "--quiet"):  # fmt: skip
+                   "--device", "--dtype", "--seed", "--out", "--json", "--quiet",
+                   "--held-out-data", "--no-uncertainty"):  # fmt: skip
         assert option in result.stdout
 
 
@@ -210,10 +211,15 @@ def test_demo_built_in_example_end_to_end(tmp_path):
     done = _console_script(cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "curvscope-report" / "results.json").read_text())
-    assert report["num_params"] == 2410 and report["num_examples"] == 1797
+    assert report["num_params"] == 2410 and report["num_examples"] == 1797 - 360  # 360 held out
     assert len(report["top"]["values"]) == 6 and len(report["bottom"]["values"]) == 3
     assert report["top"]["values"][0] > 0
     assert "time by step" in done.stdout and "training" in done.stdout
+    uncertainty = report["uncertainty"]
+    assert (uncertainty["num_validation"], uncertainty["num_test"]) == (180, 180)
+    assert uncertainty["metrics"]["trained"]["accuracy"] > 0.8
+    assert "uncertainty (test NLL)" in done.stdout
+    assert (tmp_path / "curvscope-report" / "reliability.png").exists()
 
 
 def test_only_rank_0_writes(tmp_path, monkeypatch):
@@ -221,3 +227,20 @@ def test_only_rank_0_writes(tmp_path, monkeypatch):
     result, out = invoke(*USER, *SMALL, "--no-landscape", "--json", tmp_path=tmp_path)
     assert result.exit_code == 0, result.output
     assert result.stdout == "" and not out.exists()
+
+
+def test_held_out_data_adds_the_uncertainty_section_and_no_uncertainty_skips_it(tmp_path):
+    held = ["--held-out-data", "user_model:build_held_out", "--no-landscape", "--json"]
+    result, out = invoke(*USER, *SMALL, *held, tmp_path=tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())
+    assert report["uncertainty"]["num_test"] == 10
+    assert report["settings"]["uncertainty"] is True
+    assert (out / "evidence.png").exists() and (out / "reliability.png").exists()
+    result, out = invoke(*USER, *SMALL, *held, "--no-uncertainty", tmp_path=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["uncertainty"] is None
+    result, _ = invoke(
+        *USER, *SMALL, "--held-out-data", "user_model:build_string", tmp_path=tmp_path
+    )
+    assert result.exit_code == 2 and "--held-out-data 'user_model:build_string'" in result.output

@@ -244,3 +244,70 @@ def test_importing_curvscope_does_not_import_plotting_or_cli_libraries():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def uncertain():
+    model = user_model.build_model()
+    report = curvscope.analyze(
+        model, torch.nn.CrossEntropyLoss(), user_model.build_data(), top_k=1, bottom_k=0,
+        trace_matvecs=9, density=False, per_layer=False, landscape=False, progress=False,
+        held_out=user_model.build_held_out(),
+    )  # fmt: skip
+    return model, report
+
+
+def test_uncertainty_section_matches_a_laplace_approximation(uncertain):
+    from curvscope.laplace.predictive import reliability
+
+    model, report = uncertain
+    u = report.uncertainty
+    assert report.steps[-1].name == "uncertainty (Laplace)"
+    expected = "kfac" if hasattr(curvscope, "KFACOperator") else "full"
+    assert u.structure == expected and (u.num_validation, u.num_test) == (10, 10)
+    subset = "all" if expected == "kfac" else "last_layer"
+    la = curvscope.LaplaceApproximation(
+        model, torch.nn.CrossEntropyLoss(), user_model.build_data(), structure=expected,
+        subset=subset,
+    )  # fmt: skip
+    for delta, value in zip(u.prior_grid, u.log_evidence, strict=True):
+        assert value == pytest.approx(la.log_marginal_likelihood(delta), abs=1e-9)
+    best = max(u.log_evidence)
+    assert la.log_marginal_likelihood(u.prior_evidence) >= best - 1e-9
+    assert u.validation_nll[u.prior_grid.index(u.prior_validation)] == min(u.validation_nll)
+    held = user_model.build_held_out()
+    x = torch.cat([xb for xb, _ in held])
+    y = torch.cat([yb for _, yb in held])
+    odd = torch.cat([torch.arange(1, 12, 2), 12 + torch.arange(1, 8, 2)])  # the test half
+    with torch.no_grad():
+        trained = reliability(torch.softmax(model(x[odd]), dim=1), y[odd])
+    assert u.metrics["trained"]["nll"] == pytest.approx(trained["nll"], rel=1e-12)
+    la.prior_precision = u.prior_validation
+    laplace = reliability(la.predict(x[odd]), y[odd])
+    assert u.metrics["laplace_validation"]["nll"] == pytest.approx(laplace["nll"], rel=1e-9)
+    assert u.metrics["laplace_validation"]["ece"] == pytest.approx(laplace["ece"], rel=1e-9)
+
+
+def test_uncertainty_in_json_figures_and_html(uncertain):
+    _, report = uncertain
+    data = report.to_dict()
+    assert json.loads(report.to_json()) == data
+    assert data["uncertainty"]["prior_evidence"] == report.uncertainty.prior_evidence
+    assert set(data["uncertainty"]["metrics"]) == {
+        "trained", "laplace_evidence", "laplace_validation",
+    }  # fmt: skip
+    assert {"evidence.png", "reliability.png"} <= set(report.figures())
+    page = report.to_html()
+    assert '<section id="uncertainty">' in page and "prior by validation" in page
+
+
+def test_uncertainty_is_skipped_without_held_out_data_or_when_turned_off(analysed):
+    _, report = analysed
+    assert report.uncertainty is None
+    assert "Not computed (needs held-out data" in report.to_html()
+    off = curvscope.analyze(
+        user_model.build_model(), torch.nn.CrossEntropyLoss(), user_model.build_data(), top_k=1,
+        bottom_k=0, trace_matvecs=9, density=False, per_layer=False, landscape=False,
+        progress=False, held_out=user_model.build_held_out(), uncertainty=False,
+    )  # fmt: skip
+    assert off.uncertainty is None and off.to_dict()["uncertainty"] is None

@@ -73,3 +73,11 @@ class Payload:
 
     def __init__(self) -> None:
         self.value = 1
+
+
+def build_held_out() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """20 held-out examples (not in build_data), in two batches."""
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(20, NUM_FEATURES, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, NUM_CLASSES, (20,), generator=generator)
+    return [(inputs[:12], labels[:12]), (inputs[12:], labels[12:])]

@@ -71,6 +71,13 @@ def analyze(
     no_landscape: Annotated[
         bool, typer.Option("--no-landscape", help="Skip the loss landscape.")
     ] = False,
+    held_out_data: Annotated[
+        str | None,
+        typer.Option(help="Held-out data factory 'package.module:factory' (Uncertainty section)."),
+    ] = None,
+    no_uncertainty: Annotated[
+        bool, typer.Option("--no-uncertainty", help="Skip the Uncertainty (Laplace) section.")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of every random probe.")] = 0,
@@ -159,6 +166,15 @@ def influence(
         detail = " ".join(str(error).split())
         name = type(error).__name__
         _fail(f"the influence computation failed ({name}: {detail}); no report written.", 1)
+
+
+def _register_prune() -> None:
+    from .prune_app import MultiValueCommand, prune
+
+    app.command(name="prune", cls=MultiValueCommand)(prune)
+
+
+_register_prune()
 
 
 def _fail(text: str, code: int) -> None:

@@ -82,12 +82,12 @@ def load_model(spec: str) -> nn.Module:
     return model
 
 
-def load_data(spec: str) -> list[Any] | Iterable[Any]:
+def load_data(spec: str, *, option: str = "--data") -> list[Any] | Iterable[Any]:
     """Call the factory ``spec`` and check it returns an iterable of batches (kept re-iterable)."""
-    data = _call_factory(spec, "--data")
+    data = _call_factory(spec, option)
     if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
         raise BadInputError(
-            f"--data {spec!r}: the factory returned {type(data).__name__}, expected an iterable "
+            f"{option} {spec!r}: the factory returned {type(data).__name__}, expected an iterable "
             "of (inputs, targets) batches (a list or a DataLoader)."
         )
     return list(data) if isinstance(data, Iterator) else data

@@ -10,9 +10,12 @@ from typing import Any
 
 import curvscope
 from curvscope.cli import loading
+from curvscope.report.digits import digits_held_out
 
 #: Batch size of the built-in example in the command.
 BUILT_IN_BATCH_SIZE = 2048
+#: Digits the built-in example holds out of training for the Uncertainty section.
+BUILT_IN_HELD_OUT = 360
 
 
 def run(
@@ -28,6 +31,8 @@ def run(
     trace_matvecs: int,
     no_density: bool,
     no_landscape: bool,
+    held_out_data: str | None,
+    no_uncertainty: bool,
     device: str,
     dtype: str,
     seed: int,
@@ -52,12 +57,18 @@ def run(
             print("curvscope: training the built-in digits example ...", file=sys.stderr)
         # one batch of all 1,797 digits: a product is then one pass (the fastest on a CPU)
         network, loss_fn, batches = curvscope.digits_example(
-            seed=seed, batch_size=BUILT_IN_BATCH_SIZE, dtype=torch_dtype, device=torch_device
-        )
+            seed=seed, batch_size=BUILT_IN_BATCH_SIZE, dtype=torch_dtype, device=torch_device,
+            held_out=BUILT_IN_HELD_OUT,
+        )  # fmt: skip
+        held_out = digits_held_out(BUILT_IN_HELD_OUT, dtype=torch_dtype, device=torch_device)
         first_step = "training"
     else:
         network, batches = _load_user(model, checkpoint, data, torch_dtype, torch_device)
         loading.check_batches(network, loss_fn, batches)
+        held_out = None
+        if held_out_data is not None and not no_uncertainty:
+            held = loading.load_data(held_out_data, option="--held-out-data")
+            _, held_out = loading.prepare(network, held, dtype=torch_dtype, device=torch_device)
         first_step = "loading"
     # under torchrun each rank analyses its own shard (one batch is split by examples)
     batches = [curvscope.shard(batches[0])] if len(batches) == 1 else curvscope.shard(batches)
@@ -75,6 +86,8 @@ def run(
         landscape=not no_landscape,
         seed=seed,
         progress=show,
+        held_out=held_out,
+        uncertainty=not no_uncertainty,
     )
     start = time.perf_counter()
     if main:
@@ -130,6 +143,19 @@ def _summary(report: Any, out: Path, timings: list[tuple[str, float]], *, stream
     table.add_row("trace", f"{trace.value:.4g} [{trace.ci_low:.4g}, {trace.ci_high:.4g}]")
     for key, text in report.interpretation.items():
         table.add_row(key, text)
+    if report.uncertainty is not None:
+        metrics = report.uncertainty.metrics
+        table.add_row(
+            "uncertainty (test NLL)",
+            ", ".join(
+                f"{label} {metrics[key]['nll']:.4g}"
+                for key, label in [
+                    ("trained", "trained"),
+                    ("laplace_evidence", "Laplace/evidence"),
+                    ("laplace_validation", "Laplace/validation"),
+                ]
+            ),
+        )
     table.add_row("products", f"{report.num_matvecs:,}")
     table.add_row("time by step", ", ".join(f"{name} {sec:.2f}s" for name, sec in timings))
     table.add_row("report", str(Path(out) / "index.html"))

@@ -1,8 +1,9 @@
 """``curvscope.analyze``: from a trained model and its data to a curvature report.
 
-Built only from the public operators and estimators: eigenvalues at both ends (Lanczos),
-trace with a confidence interval (Hutch++), spectral density (stochastic Lanczos quadrature),
-diagonal (Hutchinson), per-layer blocks, and the loss landscape.
+Built only from the public operators, estimators and applications: eigenvalues at both ends
+(Lanczos), trace with a confidence interval (Hutch++), spectral density (stochastic Lanczos
+quadrature), diagonal (Hutchinson), per-layer blocks, the loss landscape, and with held-out data
+the Uncertainty section (a Laplace approximation).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from . import interpret
 from .landscape import loss_landscape
 from .progress import StepRunner, iterate
 from .result import DensityCurve, DiagonalSummary, LayerResult, Report
+from .uncertainty import analyze_uncertainty, is_classification
 
 CURVATURES = ("hessian", "ggn", "fisher")
 #: Product budget of the smallest eigenvalues (they cluster near zero and converge slowly; the
@@ -48,6 +50,8 @@ def analyze(
     landscape: bool = True,
     seed: int = 0,
     progress: bool = True,
+    held_out: Iterable[Any] | None = None,
+    uncertainty: bool = True,
 ) -> Report:
     """Analyse the curvature of ``loss_fn(model(x), y)`` over ``data`` at the current weights.
 
@@ -71,6 +75,10 @@ def analyze(
         landscape: evaluate the loss landscape (1-D slices and a 15x15 grid).
         seed: seed of every random probe.
         progress: show progress with time estimates on stderr.
+        held_out: held-out ``(inputs, targets)`` batches (not in ``data``); with a
+            cross-entropy loss they enable the Uncertainty section.
+        uncertainty: compute the Uncertainty section (a Laplace approximation with its
+            evidence curve, tuned priors and reliability on ``held_out``) when it applies.
 
     Returns:
         A :class:`Report`; ``report.save("curvscope-report")`` writes the HTML page.
@@ -87,7 +95,9 @@ def analyze(
         "top_k": top_k, "bottom_k": bottom_k, "trace_matvecs": trace_matvecs,
         "density": density, "per_layer": per_layer, "landscape": landscape, "seed": seed,
     }  # fmt: skip
-    num_steps = 5 + (bottom_k > 0) + density + per_layer + landscape
+    with_uncertainty = bool(uncertainty) and held_out is not None and is_classification(loss_fn)
+    settings["uncertainty"] = with_uncertainty
+    num_steps = 5 + (bottom_k > 0) + density + per_layer + landscape + with_uncertainty
     with StepRunner(num_steps, progress=progress) as runner:
         op = runner.run(
             "operator set-up", lambda: _operator(model, loss_fn, data, curvature, params)
@@ -106,6 +116,11 @@ def analyze(
             )
         if landscape:
             found["landscape"] = _landscape(runner, op, found, seed)
+        if with_uncertainty:
+            found["uncertainty"] = runner.run(
+                "uncertainty (Laplace)",
+                lambda: analyze_uncertainty(model, loss_fn, data, held_out, params=params),
+            )
     return _report(model, op, settings, found, runner)
 
 
@@ -298,6 +313,7 @@ def _report(
         diagonal=found["diagonal"],
         landscape=found.get("landscape"),
         steps=tuple(runner.steps),
+        uncertainty=found.get("uncertainty"),
     )
     return _with_interpretation(report)
 

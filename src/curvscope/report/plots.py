@@ -32,6 +32,9 @@ def render_figures(report: Any) -> dict[str, bytes]:
         figures["layers.png"] = layer_figure(report.layers)
     if report.diagonal is not None:
         figures["diagonal.png"] = diagonal_figure(report.diagonal)
+    if getattr(report, "uncertainty", None) is not None:
+        figures["evidence.png"] = evidence_figure(report.uncertainty)
+        figures["reliability.png"] = reliability_figure(report.uncertainty)
     return figures
 
 
@@ -152,5 +155,59 @@ def diagonal_figure(diagonal: Any) -> bytes:
     axis.axvline(0.0, color="black", linewidth=0.8)
     axis.set_xlabel("diagonal entry")
     axis.set_ylabel("parameters (log scale)")
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+#: Labels and colours of the predictors in the Uncertainty figures.
+PREDICTORS = {
+    "trained": ("trained model", MODEL),
+    "laplace_evidence": ("Laplace, prior by evidence", BOTTOM),
+    "laplace_validation": ("Laplace, prior by validation", TOP),
+}
+
+
+def evidence_figure(result: Any) -> bytes:
+    """Log evidence and validation NLL over the prior precision, chosen priors marked."""
+    figure, axis = plt.subplots(figsize=(7.0, 3.2))
+    values = np.asarray(result.log_evidence, dtype=float)
+    axis.plot(result.prior_grid, values - np.nanmax(values), color=BOTTOM, marker=".")
+    axis.set_xscale("log")
+    axis.set_yscale("symlog", linthresh=1.0)  # the optimum linear, the steep sides compressed
+    axis.set_ylim(top=0.5)
+    axis.axvline(result.prior_evidence, color=BOTTOM, linestyle="--", label="max evidence")
+    axis.set_xlabel("prior precision δ")
+    axis.set_ylabel("log evidence − its maximum", color=BOTTOM)
+    other = axis.twinx()
+    other.semilogx(result.prior_grid, result.validation_nll, color=TOP, marker=".")
+    other.axvline(result.prior_validation, color=TOP, linestyle=":", label="min validation NLL")
+    other.set_ylabel("validation NLL (probit)", color=TOP)
+    lines = axis.get_legend_handles_labels()
+    more = other.get_legend_handles_labels()
+    axis.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize=8)
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def reliability_figure(result: Any) -> bytes:
+    """Reliability diagram: accuracy against confidence per bin, for each predictor."""
+    figure, axis = plt.subplots(figsize=(5.2, 4.4))
+    axis.plot([0, 1], [0, 1], color="#bbbbbb", linestyle=":", label="perfect calibration")
+    for key, (label, color) in PREDICTORS.items():
+        found = result.metrics[key]
+        pairs = [
+            (conf, acc)
+            for conf, acc in zip(found["bin_confidence"], found["bin_accuracy"], strict=True)
+            if conf is not None
+        ]
+        if pairs:
+            conf, acc = zip(*pairs, strict=True)
+            text = f"{label} (NLL {found['nll']:.3g}, ECE {found['ece']:.3g})"
+            axis.plot(conf, acc, color=color, marker="o", label=text)
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("confidence")
+    axis.set_ylabel("accuracy")
+    axis.legend(loc="upper left", fontsize=7)
     axis.grid(alpha=0.3)
     return _png(figure)

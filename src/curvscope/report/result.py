@@ -130,7 +130,8 @@ class Report:
 
     ``top`` and ``bottom`` are ``EigenResult`` objects (largest and smallest eigenvalues),
     ``trace`` a ``TraceEstimate``, ``density`` a ``SpectralDensity`` (or None), ``diagonal`` a
-    :class:`DiagonalSummary` wrapping a ``DiagonalEstimate``.
+    :class:`DiagonalSummary` wrapping a ``DiagonalEstimate``, ``uncertainty`` an
+    ``UncertaintyResult`` (or None: no held-out data, not a classification loss, or turned off).
     """
 
     schema_version: ClassVar[int] = SCHEMA_VERSION
@@ -156,6 +157,7 @@ class Report:
     landscape: Landscape | None
     steps: tuple[Step, ...]
     interpretation: dict[str, str] = field(default_factory=dict)
+    uncertainty: Any | None = None
 
     @property
     def seconds(self) -> float:
