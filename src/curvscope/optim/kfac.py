@@ -94,11 +94,16 @@ class KFACPreconditioner:
         self._fisher = check_choice(_FUNC, "fisher", fisher, _FISHERS)
         self._seed = check_int(_FUNC, "seed", seed, minimum=0)
         self._spec = resolve_loss(loss_fn, None, _FUNC)
-        if fisher != "empirical" and self._spec.kind not in ("cross_entropy", "mse"):
+        spec = self._spec
+        plain = spec.kind == "mse" or (
+            spec.kind == "cross_entropy" and spec.weight is None and spec.label_smoothing == 0.0
+        )
+        if fisher != "empirical" and not plain:
             raise value_error(
                 _FUNC,
                 "loss_fn",
-                f"nn.CrossEntropyLoss or nn.MSELoss for fisher={fisher!r}",
+                f"nn.CrossEntropyLoss (no class weights or label smoothing) or nn.MSELoss for "
+                f"fisher={fisher!r}",
                 loss_fn,
                 "Use fisher='empirical' for other losses.",
             )
