@@ -274,7 +274,9 @@ def test_bad_input(kwargs, text):
 
 
 def test_bad_loss_and_batch():
-    with pytest.raises(ValueError, match=r"\(loss_fn=...\): expected nn.CrossEntropyLoss \(no class"):
+    with pytest.raises(
+        ValueError, match=r"\(loss_fn=...\): expected nn.CrossEntropyLoss \(no class"
+    ):
         KFACPreconditioner(nn.Linear(2, 2), nn.L1Loss())
     with pytest.raises(ValueError, match=r"no class weights or label smoothing"):
         KFACPreconditioner(nn.Linear(2, 2), nn.CrossEntropyLoss(label_smoothing=0.1), fisher="ggn")
