@@ -413,6 +413,43 @@ API_CASES = [
         TypeError,
         "Pass a loss module such as nn.MSELoss()",
     ),
+    # second-order training and tracking (issue 13)
+    ApiCase(
+        "hessian-free-negative-damping",
+        lambda w: curvscope.optim.HessianFree(w.model, w.loss_fn, damping=-1.0),
+        ValueError,
+        "optim.HessianFree(damping=...): expected a number >= 0.0, got -1.0",
+    ),
+    ApiCase(
+        "hessian-free-no-cg-iterations",
+        lambda w: curvscope.optim.HessianFree(w.model, w.loss_fn, max_cg_iters=0),
+        ValueError,
+        "optim.HessianFree(max_cg_iters=...): expected an integer >= 1, got 0",
+    ),
+    ApiCase(
+        "kfac-factor-decay-one",
+        lambda w: curvscope.optim.KFACPreconditioner(w.model, w.loss_fn, factor_decay=1.0),
+        ValueError,
+        "optim.KFACPreconditioner(factor_decay=...): expected a number in [0, 1), got 1.0",
+    ),
+    ApiCase(
+        "kfac-negative-damping",
+        lambda w: curvscope.optim.KFACPreconditioner(w.model, w.loss_fn, damping=-0.1),
+        ValueError,
+        "optim.KFACPreconditioner(damping=...): expected a number >= 0.0",
+    ),
+    ApiCase(
+        "tracker-every-0",
+        lambda w: curvscope.SharpnessTracker(*w.args, every=0),
+        ValueError,
+        "SharpnessTracker(every=...): expected an integer >= 1, got 0",
+    ),
+    ApiCase(
+        "tracker-k-0",
+        lambda w: curvscope.SharpnessTracker(*w.args, k=0),
+        ValueError,
+        "SharpnessTracker(k=...): expected an integer >= 1, got 0",
+    ),
 ]
 
 
@@ -489,6 +526,19 @@ CLI_CASES = [
     CliCase("option-below-minimum", ["--top-k", "0"], "Invalid value for '--top-k'"),
     CliCase("option-not-a-number", ["--top-k", "abc"], "valid integer"),
     CliCase("option-unknown", ["--no-such-option"], "No such option: --no-such-option"),
+    CliCase("track-lr-0", ["--lr", "0"], "--lr 0.0: expected a learning rate > 0", command="track"),
+    CliCase(
+        "track-steps-0", ["--steps", "0"], "--steps 0: expected an integer >= 1", command="track"
+    ),
+    CliCase(
+        "track-every-0", ["--every", "0"], "--every 0: expected an integer >= 1", command="track"
+    ),
+    CliCase(
+        "track-optimizer-unknown",
+        ["--optimizer", "adam"],
+        "expected one of gd, momentum",
+        command="track",
+    ),
 ]
 
 

@@ -8,7 +8,14 @@ tracking) <- ``report`` (analysis, plots, HTML) <- ``cli``.
 The public surface is what this module exports.
 """
 
-from . import derivatives, estimators, laplace, operators, report
+from . import (
+    derivatives,
+    estimators,
+    laplace,
+    operators,
+    optim,  # noqa: F401  (curvscope.optim: HessianFree, KFACPreconditioner)
+    report,
+)
 from .derivatives import *  # noqa: F403
 from .estimators import *  # noqa: F403
 from .influence import InfluenceFunction, InfluenceTop
@@ -16,6 +23,7 @@ from .laplace import *  # noqa: F403
 from .operators import *  # noqa: F403
 from .prune import PruneResult, PruneSweep, Sparsity, SweepPoint, prune, prune_sweep
 from .report import *  # noqa: F403
+from .tracking import SharpnessRecord, SharpnessTracker
 
 __version__ = "0.1.0"
 
@@ -33,4 +41,6 @@ __all__ = [
     *report.__all__,
     "InfluenceFunction",
     "InfluenceTop",
+    "SharpnessRecord",
+    "SharpnessTracker",
 ]

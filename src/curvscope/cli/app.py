@@ -186,3 +186,8 @@ def _run(**options: object) -> None:
     from .run import run
 
     run(**options)
+
+
+from .track import track as _track  # noqa: E402
+
+app.command("track")(_track)

@@ -80,3 +80,26 @@ def _summary(report: Any) -> list[tuple[str, str]]:
     )
     rows.append(("time and products", f"{report.seconds:.2f} s, {report.num_matvecs:,} products"))
     return rows
+
+
+def render_track_html(report: Any, figures: dict[str, bytes]) -> str:
+    """The self-contained HTML page of a ``curvscope track`` run (images inline)."""
+    images = {
+        name.removesuffix(".png"): "data:image/png;base64," + base64.b64encode(png).decode()
+        for name, png in figures.items()
+    }
+    results = report.to_dict()
+    late = results["late_sharpness_over_threshold"]
+    rows = [
+        ("model", f"{report.model} — {report.num_params:,} parameters"),
+        ("data", f"{report.num_examples:,} examples (full batch)"),
+        ("optimizer", f"{report.optimizer}, learning rate η = {_number(report.lr)}"),
+        ("stability threshold", f"{_number(report.threshold)}"),
+        ("steps", f"{report.steps:,} ({report.status}), sharpness every {report.every}"),
+        ("loss", f"{_number(report.losses[0])} → {_number(report.losses[-1])}"),
+        ("largest sharpness", _number(results["max_sharpness"])),
+        ("late sharpness / threshold", _number(late, 3)),
+        ("time and products", f"{report.seconds:.2f} s, {results['total_matvecs']:,} products"),
+    ]
+    template = _ENVIRONMENT.get_template("track.html")
+    return template.render(r=report, images=images, rows=rows)

@@ -1,0 +1,154 @@
+"""``curvscope track``: train with full-batch GD, track the sharpness, write a report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+#: Defaults of the built-in run: the digits MLP with MSE reaches the edge of stability at
+#: lr 1 within a few hundred steps (about 10 s on a CPU for 1,000 steps).
+BUILT_IN_LR, BUILT_IN_STEPS, BUILT_IN_EVERY = 1.0, 1000, 10
+
+
+def track(
+    model: Annotated[
+        str | None, typer.Option(help="Model factory 'package.module:factory' (built-in if unset).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="State dict file (loaded with weights_only=True).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data factory 'package.module:factory' -> batches.")
+    ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(help="cross_entropy, mse or 'package.module:callable' (built-in: mse)."),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate η.")] = BUILT_IN_LR,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = BUILT_IN_STEPS,
+    every: Annotated[int, typer.Option(help="Record the sharpness every this many steps.")] = (
+        BUILT_IN_EVERY
+    ),
+    optimizer: Annotated[str, typer.Option(help="gd or momentum (heavy ball, 0.9).")] = "gd",
+    top_k: Annotated[int, typer.Option(help="Number of largest eigenvalues per record.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the probes.")] = 0,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("curvscope-track"),
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress and no summary.")] = False,
+) -> None:
+    """Train with full-batch gradient descent and track the sharpness (the edge of stability);
+    write DIR/index.html, DIR/results.json and DIR/sharpness.png (built-in digits example if
+    no --model/--data)."""
+    options = dict(locals())
+    from .loading import BadInputError
+
+    try:
+        _run(**options)
+    except BadInputError as error:
+        _fail(str(error), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; no report was written.", 130)
+    except Exception as error:
+        detail = " ".join(str(error).split())
+        _fail(f"tracking failed ({type(error).__name__}: {detail}); no report written.", 1)
+
+
+def _fail(text: str, code: int) -> None:
+    print(f"curvscope: error: {text}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _check_numbers(lr: float, steps: int, every: int, top_k: int) -> None:
+    from .loading import BadInputError
+
+    if not lr > 0 or lr == float("inf"):
+        raise BadInputError(f"--lr {lr}: expected a learning rate > 0, e.g. --lr 0.5.")
+    for option, value in (("--steps", steps), ("--every", every), ("--top-k", top_k)):
+        if value < 1:
+            raise BadInputError(f"{option} {value}: expected an integer >= 1.")
+
+
+def _run(**options: object) -> None:
+    from curvscope.cli import loading
+    from curvscope.report.track import OPTIMIZERS, train_and_track
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    _check_numbers(options["lr"], options["steps"], options["every"], options["top_k"])
+    loading.resolve_choice(options["optimizer"], OPTIMIZERS, "--optimizer")
+    dtype = loading.DTYPES[loading.resolve_choice(options["dtype"], loading.DTYPES, "--dtype")]
+    device = loading.resolve_device(options["device"])
+    model, data, checkpoint = options["model"], options["data"], options["checkpoint"]
+    if model is None and data is None:
+        if checkpoint is not None:
+            raise loading.BadInputError("--checkpoint needs --model (and --data).")
+        loss_fn = loading.resolve_loss(options["loss"] or "mse")
+        network, batches = _built_in(loss_fn, options["seed"], dtype, device)
+        name = "digits MLP 64-32-10 (built-in)"
+    else:
+        if model is None or data is None:
+            missing = "--data" if data is None else "--model"
+            raise loading.BadInputError(
+                f"{missing} is missing: pass both --model and --data, or neither for the "
+                "built-in example."
+            )
+        loss_fn = loading.resolve_loss(options["loss"] or "cross_entropy")
+        network = loading.load_model(model)
+        if checkpoint is not None:
+            loading.load_checkpoint(network, checkpoint)
+        network, batches = loading.prepare(
+            network, loading.load_data(data), dtype=dtype, device=device
+        )
+        loading.check_batches(network, loss_fn, batches)
+        name = model
+    show = not options["quiet"]
+    report = train_and_track(
+        network,
+        loss_fn,
+        batches,
+        lr=options["lr"],
+        steps=options["steps"],
+        every=options["every"],
+        optimizer=options["optimizer"],
+        k=options["top_k"],
+        seed=options["seed"],
+        progress=show,
+        name=name,
+    )
+    report.save(options["out"])
+    if show:
+        _summary(report, Path(options["out"]))
+
+
+def _built_in(loss_fn, seed, dtype, device):
+    import torch
+
+    from curvscope.report.digits import digits_mlp, load_digits
+
+    inputs, labels = load_digits(dtype=dtype, device=device)
+    targets = labels
+    if isinstance(loss_fn, torch.nn.MSELoss):
+        targets = torch.nn.functional.one_hot(labels, 10).to(dtype)
+    return digits_mlp(seed=seed, dtype=dtype).to(device), [(inputs, targets)]
+
+
+def _summary(report, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = report.to_dict()
+    table = Table(title=f"curvscope track: {report.model}", show_header=False)
+    table.add_row("optimizer / lr", f"{report.optimizer} / {report.lr:g}")
+    table.add_row("threshold", f"{report.threshold:.4g}")
+    table.add_row("loss", f"{report.losses[0]:.4g} -> {report.losses[-1]:.4g} ({report.status})")
+    table.add_row("largest sharpness", f"{results['max_sharpness']:.4g}")
+    late = results["late_sharpness_over_threshold"]
+    table.add_row("late sharpness / threshold", f"{late:.3g}" if late is not None else "-")
+    table.add_row("time / products", f"{report.seconds:.1f} s / {results['total_matvecs']:,}")
+    table.add_row("report", str(out / "index.html"))
+    Console().print(table)
