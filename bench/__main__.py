@@ -4,6 +4,8 @@ python -m bench                       # every case, printed
 python -m bench --quick               # small sizes and few repeats (a smoke run)
 python -m bench --only operators      # the cases whose name starts with "operators"
 python -m bench --write BENCHMARKS.md # write the markdown report
+python -m bench --only scale --write BENCHMARKS.md  # re-measure some cases: only their
+                                      # sections of BENCHMARKS.md are replaced (report.py)
 """
 
 from __future__ import annotations
@@ -19,16 +21,24 @@ import traceback
 
 from .environment import header
 from .harness import MALLOC_ENV, MEMORY, Config, Table
+from .report import merge, section
 
 
 def _cases():
-    from . import cases_analyze, cases_derivatives, cases_estimators, cases_operators
+    from . import (
+        cases_analyze,
+        cases_derivatives,
+        cases_estimators,
+        cases_operators,
+        cases_scale,
+    )
 
     return [
         *cases_derivatives.CASES,
         *cases_operators.CASES,
         *cases_estimators.CASES,
         *cases_analyze.CASES,
+        *cases_scale.CASES,
     ]
 
 
@@ -55,7 +65,14 @@ def _run_memory_child(cases, name: str, quick: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--write", metavar="FILE", help="write the markdown report to FILE")
+    parser.add_argument(
+        "--write",
+        metavar="FILE",
+        help="write the markdown report to FILE, replacing only the sections of the cases run",
+    )
+    parser.add_argument(
+        "--replace", action="store_true", help="with --write: drop the sections not run"
+    )
     parser.add_argument("--only", metavar="PREFIX", action="append", help="case-name prefix")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         parser.error(f"no case starts with {args.only}; see --list")
     started = time.perf_counter()
-    sections: list[str] = []
+    sections: dict[str, str] = {}
     for name, title, run, measures_memory in chosen:
         print(f"== {name}: {title}", file=sys.stderr, flush=True)
         case_start = time.perf_counter()
@@ -84,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # one failing case must not hide the others
             text = f"**{name} failed:**\n\n```\n{traceback.format_exc()}```\n"
         elapsed = time.perf_counter() - case_start
-        section = f"## {title}\n\n_case `{name}`, {elapsed:.0f} s_\n\n{text}"
-        print(section, flush=True)
-        sections.append(section)
+        sections[name] = section(name, title, elapsed, text)
+        print(sections[name], flush=True)
     total = time.perf_counter() - started
     print(f"== total {total:.0f} s", file=sys.stderr)
     if args.write:
-        report = header(cfg, total) + "\n" + "\n".join(sections)
+        order = [c[0] for c in cases]
+        ran = "every case" if len(chosen) == len(cases) else ", ".join(sections)
+        report = merge(args.write, header(cfg, total, ran), sections, order, replace=args.replace)
         with open(args.write, "w") as out:
             out.write(report)
         print(f"wrote {args.write}", file=sys.stderr)
