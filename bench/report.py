@@ -15,7 +15,7 @@ import datetime
 import os
 import re
 
-_CASE_LINE = re.compile(r"\bcase `([^`]+)`")
+_CASE_LINE = re.compile(r"case `([^`]+)`")
 
 
 def now() -> str:
