@@ -32,11 +32,13 @@ def _cases():
         cases_operators,
         cases_scale,
     )
+    from .cases_lanczos_scale import CASES as LANCZOS_SCALE
 
     return [
         *cases_derivatives.CASES,
         *cases_operators.CASES,
         *cases_estimators.CASES,
+        *LANCZOS_SCALE,
         *cases_analyze.CASES,
         *cases_scale.CASES,
     ]
