@@ -65,6 +65,17 @@ def _run_memory_child(cases, name: str, quick: bool) -> int:
     return 0
 
 
+def _write(args, cfg: Config, total: float, sections: dict, cases: list, chosen: int) -> None:
+    """Merge the sections measured so far into ``args.write`` (report.py)."""
+    order = [c[0] for c in cases]
+    ran = "every case" if chosen == len(cases) else ", ".join(sections)
+    replace = args.replace and len(sections) == 1  # drop the old sections once, at the start
+    report = merge(args.write, header(cfg, total, ran), sections, order, replace=replace)
+    with open(args.write, "w") as out:
+        out.write(report)
+    print(f"wrote {args.write}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -105,15 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - case_start
         sections[name] = section(name, title, elapsed, text)
         print(sections[name], flush=True)
-    total = time.perf_counter() - started
-    print(f"== total {total:.0f} s", file=sys.stderr)
-    if args.write:
-        order = [c[0] for c in cases]
-        ran = "every case" if len(chosen) == len(cases) else ", ".join(sections)
-        report = merge(args.write, header(cfg, total, ran), sections, order, replace=args.replace)
-        with open(args.write, "w") as out:
-            out.write(report)
-        print(f"wrote {args.write}", file=sys.stderr)
+        if args.write:  # after every case, so that a killed run keeps what it measured
+            _write(args, cfg, time.perf_counter() - started, sections, cases, len(chosen))
+    print(f"== total {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0
 
 
