@@ -9,7 +9,7 @@ BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench bench-scale clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ $(BENCH_STAMP): bench/requirements.txt bench/requirements-nodeps.txt pyproject.t
 
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m bench --write BENCHMARKS.md
+
+# issue 9's speed cases alone (~30 min): replaces only their sections of BENCHMARKS.md
+bench-scale: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m bench --only scale --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

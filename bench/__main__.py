@@ -4,6 +4,8 @@ python -m bench                       # every case, printed
 python -m bench --quick               # small sizes and few repeats (a smoke run)
 python -m bench --only operators      # the cases whose name starts with "operators"
 python -m bench --write BENCHMARKS.md # write the markdown report
+python -m bench --only scale --write BENCHMARKS.md  # re-measure some cases: only their
+                                      # sections of BENCHMARKS.md are replaced (report.py)
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ from pathlib import Path
 
 from .environment import header
 from .harness import MALLOC_ENV, MEMORY, Config, Table
+from .report import merge, section
 
 #: Case modules run first, in this order; every other ``bench/cases_*.py`` follows by name.
-_FIRST = ["derivatives", "operators", "estimators", "lanczos_scale", "analyze"]
+_FIRST = [
+    "derivatives",
+    "operators",
+    "estimators",
+    "lanczos_scale",
+    "analyze",
+    "scale",
+    "structured",
+]
 
 
 def _cases():
@@ -54,9 +65,27 @@ def _run_memory_child(cases, name: str, quick: bool) -> int:
     return 0
 
 
+def _write(args, cfg: Config, total: float, sections: dict, cases: list, chosen: int) -> None:
+    """Merge the sections measured so far into ``args.write`` (report.py)."""
+    order = [c[0] for c in cases]
+    ran = "every case" if chosen == len(cases) else ", ".join(sections)
+    replace = args.replace and len(sections) == 1  # drop the old sections once, at the start
+    report = merge(args.write, header(cfg, total, ran), sections, order, replace=replace)
+    with open(args.write, "w") as out:
+        out.write(report)
+    print(f"wrote {args.write}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--write", metavar="FILE", help="write the markdown report to FILE")
+    parser.add_argument(
+        "--write",
+        metavar="FILE",
+        help="write the markdown report to FILE, replacing only the sections of the cases run",
+    )
+    parser.add_argument(
+        "--replace", action="store_true", help="with --write: drop the sections not run"
+    )
     parser.add_argument("--only", metavar="PREFIX", action="append", help="case-name prefix")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -74,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         parser.error(f"no case starts with {args.only}; see --list")
     started = time.perf_counter()
-    sections: list[str] = []
+    sections: dict[str, str] = {}
     for name, title, run, measures_memory in chosen:
         print(f"== {name}: {title}", file=sys.stderr, flush=True)
         case_start = time.perf_counter()
@@ -85,16 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # one failing case must not hide the others
             text = f"**{name} failed:**\n\n```\n{traceback.format_exc()}```\n"
         elapsed = time.perf_counter() - case_start
-        section = f"## {title}\n\n_case `{name}`, {elapsed:.0f} s_\n\n{text}"
-        print(section, flush=True)
-        sections.append(section)
-    total = time.perf_counter() - started
-    print(f"== total {total:.0f} s", file=sys.stderr)
-    if args.write:
-        report = header(cfg, total) + "\n" + "\n".join(sections)
-        with open(args.write, "w") as out:
-            out.write(report)
-        print(f"wrote {args.write}", file=sys.stderr)
+        sections[name] = section(name, title, elapsed, text)
+        print(sections[name], flush=True)
+        if args.write:  # after every case, so that a killed run keeps what it measured
+            _write(args, cfg, time.perf_counter() - started, sections, cases, len(chosen))
+    print(f"== total {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0
 
 

@@ -26,6 +26,12 @@ PEER_PACKAGES = {
     "curvlinops": ("curvlinops", "curvlinops-for-pytorch"),
     "hessian-eigenthings": ("hessian_eigenthings", "hessian-eigenthings"),
     "BackPACK": ("backpack", "backpack-for-pytorch"),
+    # peers of issues 10-14 (structured curvature, influence, Laplace, training, pruning)
+    "laplace-torch": ("laplace", "laplace-torch"),
+    "Kronfluence": ("kronfluence", "kronfluence"),
+    "dattri": ("dattri", "dattri"),
+    "ASDL (asdfghjkl)": ("asdl", "asdfghjkl"),
+    "Torch-Pruning": ("torch_pruning", "torch-pruning"),
 }
 
 
