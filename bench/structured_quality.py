@@ -20,7 +20,7 @@ def _float64(problem: models.Problem) -> models.Problem:
     return models.Problem(problem.name, model, problem.loss_fn, batches)
 
 
-def _dense(op, chunk: int = 256) -> torch.Tensor:
+def _dense(op, chunk: int = 64) -> torch.Tensor:
     size = op.shape[0]
     columns = []
     for start in range(0, size, chunk):

@@ -12,6 +12,9 @@ from .._checks import check_int, type_error, value_error
 from ._structured import StructuredOperator, check_damping, inverse_spectrum
 from .base import DEFAULT_MAX_DENSE_ENTRIES, as_operator
 
+#: Columns of a block formed per product call (bounds the memory of vmapped products).
+CHUNK = 64
+
 
 def _layer_blocks(names: list[str]) -> list[list[str]]:
     """Parameters grouped by the module that owns them (the name without its last part)."""
@@ -133,15 +136,24 @@ class BlockDiagonalOperator(StructuredOperator):
         return self._dense
 
     def _form(self, block: list[str], index: torch.Tensor) -> torch.Tensor:
-        op = self._operator
-        if hasattr(op, "block") and len(self._blocks) > 1:
-            sub = op.block(block)
-            if list(getattr(sub, "param_names", [])) == block:
-                dense = sub.to_dense(max_entries=index.numel() ** 2)
-                return (dense + dense.T) / 2
-        columns = torch.zeros(op.shape[0], index.numel(), dtype=self.dtype, device=self.device)
-        columns[index, torch.arange(index.numel(), device=self.device)] = 1
-        dense = op.matmat(columns)[index]
+        """The dense block, from products with its identity columns, ``CHUNK`` at a time."""
+        op, size = self._operator, index.numel()
+        sub = op.block(block) if hasattr(op, "block") and len(self._blocks) > 1 else None
+        if sub is not None and list(getattr(sub, "param_names", [])) != block:
+            sub = None
+        columns = []
+        for start in range(0, size, CHUNK):
+            stop = min(start + CHUNK, size)
+            rows = torch.arange(start, stop, device=self.device)
+            if sub is not None:
+                eye = torch.zeros(size, stop - start, dtype=self.dtype, device=self.device)
+                eye[rows, rows - start] = 1
+                columns.append(sub.matmat(eye))
+            else:
+                eye = torch.zeros(op.shape[0], stop - start, dtype=self.dtype, device=self.device)
+                eye[index[rows], rows - start] = 1
+                columns.append(op.matmat(eye)[index])
+        dense = torch.cat(columns, dim=1)
         return (dense + dense.T) / 2
 
     def _eigh(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
