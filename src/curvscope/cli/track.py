@@ -9,21 +9,27 @@ from typing import Annotated
 
 import typer
 
+from .options import (
+    CheckpointOption,
+    DataOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    OutOption,
+    QuietOption,
+    guarded,
+    seed_option,
+)
+
 #: Defaults of the built-in run: the digits MLP with MSE reaches the edge of stability at
 #: lr 1 within a few hundred steps (about 10 s on a CPU for 1,000 steps).
 BUILT_IN_LR, BUILT_IN_STEPS, BUILT_IN_EVERY = 1.0, 1000, 10
 
 
 def track(
-    model: Annotated[
-        str | None, typer.Option(help="Model factory 'package.module:factory' (built-in if unset).")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="State dict file (loaded with weights_only=True).")
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Data factory 'package.module:factory' -> batches.")
-    ] = None,
+    model: ModelOption = None,
+    checkpoint: CheckpointOption = None,
+    data: DataOption = None,
     loss: Annotated[
         str | None,
         typer.Option(help="cross_entropy, mse or 'package.module:callable' (built-in: mse)."),
@@ -35,32 +41,16 @@ def track(
     ),
     optimizer: Annotated[str, typer.Option(help="gd or momentum (heavy ball, 0.9).")] = "gd",
     top_k: Annotated[int, typer.Option(help="Number of largest eigenvalues per record.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the probes.")] = 0,
-    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("curvscope-track"),
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress and no summary.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
+    seed: seed_option("Seed of the initialisation and the probes.") = 0,
+    out: OutOption = Path("curvscope-track"),
+    quiet: QuietOption = False,
 ) -> None:
     """Train with full-batch gradient descent and track the sharpness (the edge of stability);
     write DIR/index.html, DIR/results.json and DIR/sharpness.png (built-in digits example if
     no --model/--data)."""
-    options = dict(locals())
-    from .loading import BadInputError
-
-    try:
-        _run(**options)
-    except BadInputError as error:
-        _fail(str(error), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; no report was written.", 130)
-    except Exception as error:
-        detail = " ".join(str(error).split())
-        _fail(f"tracking failed ({type(error).__name__}: {detail}); no report written.", 1)
-
-
-def _fail(text: str, code: int) -> None:
-    print(f"curvscope: error: {text}", file=sys.stderr)
-    raise typer.Exit(code)
+    guarded(_run, dict(locals()), what="tracking")
 
 
 def _check_numbers(lr: float, steps: int, every: int, top_k: int) -> None:
