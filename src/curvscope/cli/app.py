@@ -28,6 +28,8 @@ from .options import (
     guarded,
     seed_option,
 )
+from .prune_app import prune
+from .track import track
 
 
 class _OneLineErrors(TyperGroup):
@@ -145,9 +147,6 @@ def _lazy(module: str) -> Callable[..., None]:
 
     return run
 
-
-from .prune_app import prune  # noqa: E402
-from .track import track  # noqa: E402
 
 #: Every command, registered the same way (MultiValueCommand reads ``--sparsity 0.5 0.7``).
 for _command in (analyze, influence, prune, track):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -67,11 +65,10 @@ def _run(**options: object) -> None:
     from curvscope.cli import loading
     from curvscope.report.track import OPTIMIZERS, train_and_track
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    loading.use_working_directory()
     _check_numbers(options["lr"], options["steps"], options["every"], options["top_k"])
     loading.resolve_choice(options["optimizer"], OPTIMIZERS, "--optimizer")
-    dtype = loading.DTYPES[loading.resolve_choice(options["dtype"], loading.DTYPES, "--dtype")]
+    dtype = loading.resolve_dtype(options["dtype"])
     device = loading.resolve_device(options["device"])
     model, data, checkpoint = options["model"], options["data"], options["checkpoint"]
     if model is None and data is None:
@@ -81,19 +78,8 @@ def _run(**options: object) -> None:
         network, batches = _built_in(loss_fn, options["seed"], dtype, device)
         name = "digits MLP 64-32-10 (built-in)"
     else:
-        if model is None or data is None:
-            missing = "--data" if data is None else "--model"
-            raise loading.BadInputError(
-                f"{missing} is missing: pass both --model and --data, or neither for the "
-                "built-in example."
-            )
+        network, batches = loading.load_user(model, checkpoint, data, dtype=dtype, device=device)
         loss_fn = loading.resolve_loss(options["loss"] or "cross_entropy")
-        network = loading.load_model(model)
-        if checkpoint is not None:
-            loading.load_checkpoint(network, checkpoint)
-        network, batches = loading.prepare(
-            network, loading.load_data(data), dtype=dtype, device=device
-        )
         loading.check_batches(network, loss_fn, batches)
         name = model
     show = not options["quiet"]
