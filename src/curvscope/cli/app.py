@@ -12,22 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from .options import (
-    CheckpointOption,
-    DataOption,
-    DeviceOption,
-    DtypeOption,
-    JsonOption,
-    LossOption,
-    ModelOption,
-    MultiValueCommand,
-    OutOption,
-    ParamsOption,
-    QuietOption,
-    data_option,
-    guarded,
-    seed_option,
-)
+from . import options as opt
 from .prune_app import prune
 from .track import track
 
@@ -67,12 +52,12 @@ def _root() -> None:
 
 
 def analyze(
-    model: ModelOption = None,
-    checkpoint: CheckpointOption = None,
-    data: DataOption = None,
-    loss: LossOption = "cross_entropy",
+    model: opt.ModelOption = None,
+    checkpoint: opt.CheckpointOption = None,
+    data: opt.DataOption = None,
+    loss: opt.LossOption = "cross_entropy",
     curvature: Annotated[str, typer.Option(help="hessian, ggn or fisher.")] = "hessian",
-    params: ParamsOption = None,
+    params: opt.ParamsOption = None,
     top_k: Annotated[int, typer.Option(min=1, help="Number of largest eigenvalues.")] = 6,
     bottom_k: Annotated[int, typer.Option(min=0, help="Number of smallest eigenvalues.")] = 3,
     trace_matvecs: Annotated[
@@ -89,27 +74,27 @@ def analyze(
     no_uncertainty: Annotated[
         bool, typer.Option("--no-uncertainty", help="Skip the Uncertainty (Laplace) section.")
     ] = False,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "float32",
-    seed: seed_option("Seed of every random probe.") = 0,
-    out: OutOption = Path("curvscope-report"),
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
+    device: opt.DeviceOption = "auto",
+    dtype: opt.DtypeOption = "float32",
+    seed: opt.seed_option("Seed of every random probe.") = 0,
+    out: opt.OutOption = Path("curvscope-report"),
+    json_output: opt.JsonOption = False,
+    quiet: opt.QuietOption = False,
 ) -> None:
     """Analyse a trained model's curvature and write an HTML report (built-in example if no
     --model/--data)."""
-    guarded(_lazy("run"), dict(locals()), what="the analysis")
+    opt.guarded(_lazy("run"), dict(locals()), what="the analysis")
 
 
 def influence(
-    model: ModelOption = None,
-    checkpoint: CheckpointOption = None,
-    data: data_option("Training data factory 'package.module:factory' -> batches.") = None,
+    model: opt.ModelOption = None,
+    checkpoint: opt.CheckpointOption = None,
+    data: opt.data_option("Training data factory 'package.module:factory' -> batches.") = None,
     test_data: Annotated[
         str | None,
         typer.Option(help="Test data factory -> batches (default: the first training examples)."),
     ] = None,
-    loss: LossOption = "cross_entropy",
+    loss: opt.LossOption = "cross_entropy",
     curvature: Annotated[
         str, typer.Option(help="ggn, hessian, fisher, kfac, ekfac, diagonal or identity.")
     ] = "ggn",
@@ -117,7 +102,7 @@ def influence(
     damping: Annotated[
         float | None, typer.Option(help="Damping λ (default: 0.1 x mean eigenvalue).")
     ] = None,
-    params: ParamsOption = None,
+    params: opt.ParamsOption = None,
     num_test: Annotated[int, typer.Option(help="Test examples to explain.")] = 8,
     top: Annotated[int, typer.Option(help="Most helpful and most harmful examples shown.")] = 5,
     flip_fraction: Annotated[
@@ -126,17 +111,17 @@ def influence(
     max_batch_size: Annotated[
         int | None, typer.Option(help="Examples per chunk of per-example gradients.")
     ] = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "float32",
-    seed: seed_option("Seed of the example and every random choice.") = 0,
-    out: OutOption = Path("curvscope-influence"),
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
+    device: opt.DeviceOption = "auto",
+    dtype: opt.DtypeOption = "float32",
+    seed: opt.seed_option("Seed of the example and every random choice.") = 0,
+    out: opt.OutOption = Path("curvscope-influence"),
+    json_output: opt.JsonOption = False,
+    quiet: opt.QuietOption = False,
 ) -> None:
     """Explain predictions by the training examples behind them (influence functions) and find
     likely mislabelled training examples; writes an HTML report (built-in example: digits with
     flipped labels)."""
-    guarded(_lazy("influence"), dict(locals()), what="the influence computation")
+    opt.guarded(_lazy("influence"), dict(locals()), what="the influence computation")
 
 
 def _lazy(module: str) -> Callable[..., None]:
@@ -150,4 +135,4 @@ def _lazy(module: str) -> Callable[..., None]:
 
 #: Every command, registered the same way (MultiValueCommand reads ``--sparsity 0.5 0.7``).
 for _command in (analyze, influence, prune, track):
-    app.command(_command.__name__, cls=MultiValueCommand)(_command)
+    app.command(_command.__name__, cls=opt.MultiValueCommand)(_command)

@@ -7,17 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import (
-    CheckpointOption,
-    DataOption,
-    DeviceOption,
-    DtypeOption,
-    ModelOption,
-    OutOption,
-    QuietOption,
-    guarded,
-    seed_option,
-)
+from . import options as opt
 
 #: Defaults of the built-in run: the digits MLP with MSE reaches the edge of stability at
 #: lr 1 within a few hundred steps (about 10 s on a CPU for 1,000 steps).
@@ -25,9 +15,9 @@ BUILT_IN_LR, BUILT_IN_STEPS, BUILT_IN_EVERY = 1.0, 1000, 10
 
 
 def track(
-    model: ModelOption = None,
-    checkpoint: CheckpointOption = None,
-    data: DataOption = None,
+    model: opt.ModelOption = None,
+    checkpoint: opt.CheckpointOption = None,
+    data: opt.DataOption = None,
     loss: Annotated[
         str | None,
         typer.Option(help="cross_entropy, mse or 'package.module:callable' (built-in: mse)."),
@@ -39,16 +29,16 @@ def track(
     ),
     optimizer: Annotated[str, typer.Option(help="gd or momentum (heavy ball, 0.9).")] = "gd",
     top_k: Annotated[int, typer.Option(help="Number of largest eigenvalues per record.")] = 1,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "float32",
-    seed: seed_option("Seed of the initialisation and the probes.") = 0,
-    out: OutOption = Path("curvscope-track"),
-    quiet: QuietOption = False,
+    device: opt.DeviceOption = "auto",
+    dtype: opt.DtypeOption = "float32",
+    seed: opt.seed_option("Seed of the initialisation and the probes.") = 0,
+    out: opt.OutOption = Path("curvscope-track"),
+    quiet: opt.QuietOption = False,
 ) -> None:
     """Train with full-batch gradient descent and track the sharpness (the edge of stability);
     write DIR/index.html, DIR/results.json and DIR/sharpness.png (built-in digits example if
     no --model/--data)."""
-    guarded(_run, dict(locals()), what="tracking")
+    opt.guarded(_run, dict(locals()), what="tracking")
 
 
 def _check_numbers(lr: float, steps: int, every: int, top_k: int) -> None:
