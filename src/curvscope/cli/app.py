@@ -1,13 +1,20 @@
-"""``curvscope analyze``: parse the options, load the inputs, analyse, save, summarise."""
+"""The ``curvscope`` app: ``analyze`` and ``influence`` (options only; their bodies are in
+``run.py`` and ``influence.py``), and the one place every command is registered."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
+
+from . import options as opt
+from .prune_app import prune
+from .track import track
 
 
 class _OneLineErrors(TyperGroup):
@@ -44,24 +51,13 @@ def _root() -> None:
     """curvscope: the curvature of trained PyTorch networks (run `curvscope analyze --help`)."""
 
 
-@app.command()
 def analyze(
-    model: Annotated[
-        str | None, typer.Option(help="Model factory 'package.module:factory' (built-in if unset).")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="State dict file (loaded with weights_only=True).")
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Data factory 'package.module:factory' -> batches.")
-    ] = None,
-    loss: Annotated[
-        str, typer.Option(help="cross_entropy, mse or 'package.module:callable'.")
-    ] = "cross_entropy",
+    model: opt.ModelOption = None,
+    checkpoint: opt.CheckpointOption = None,
+    data: opt.DataOption = None,
+    loss: opt.LossOption = "cross_entropy",
     curvature: Annotated[str, typer.Option(help="hessian, ggn or fisher.")] = "hessian",
-    params: Annotated[
-        str | None, typer.Option(help="Comma-separated parameter names, globs or regexes.")
-    ] = None,
+    params: opt.ParamsOption = None,
     top_k: Annotated[int, typer.Option(min=1, help="Number of largest eigenvalues.")] = 6,
     bottom_k: Annotated[int, typer.Option(min=0, help="Number of smallest eigenvalues.")] = 3,
     trace_matvecs: Annotated[
@@ -78,49 +74,27 @@ def analyze(
     no_uncertainty: Annotated[
         bool, typer.Option("--no-uncertainty", help="Skip the Uncertainty (Laplace) section.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Seed of every random probe.")] = 0,
-    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("curvscope-report"),
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print the results JSON on stdout.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress and no summary.")] = False,
+    device: opt.DeviceOption = "auto",
+    dtype: opt.DtypeOption = "float32",
+    seed: opt.seed_option("Seed of every random probe.") = 0,
+    out: opt.OutOption = Path("curvscope-report"),
+    json_output: opt.JsonOption = False,
+    quiet: opt.QuietOption = False,
 ) -> None:
     """Analyse a trained model's curvature and write an HTML report (built-in example if no
     --model/--data)."""
-    options = dict(locals())
-    from .loading import BadInputError
-
-    try:
-        _run(**options)
-    except BadInputError as error:
-        _fail(str(error), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; no report was written.", 130)
-    except Exception as error:
-        detail = " ".join(str(error).split())
-        _fail(f"the analysis failed ({type(error).__name__}: {detail}); no report written.", 1)
+    opt.guarded(_lazy("run"), dict(locals()), what="the analysis")
 
 
-@app.command()
 def influence(
-    model: Annotated[
-        str | None, typer.Option(help="Model factory 'package.module:factory' (built-in if unset).")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="State dict file (loaded with weights_only=True).")
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Training data factory 'package.module:factory' -> batches.")
-    ] = None,
+    model: opt.ModelOption = None,
+    checkpoint: opt.CheckpointOption = None,
+    data: opt.data_option("Training data factory 'package.module:factory' -> batches.") = None,
     test_data: Annotated[
         str | None,
         typer.Option(help="Test data factory -> batches (default: the first training examples)."),
     ] = None,
-    loss: Annotated[
-        str, typer.Option(help="cross_entropy, mse or 'package.module:callable'.")
-    ] = "cross_entropy",
+    loss: opt.LossOption = "cross_entropy",
     curvature: Annotated[
         str, typer.Option(help="ggn, hessian, fisher, kfac, ekfac, diagonal or identity.")
     ] = "ggn",
@@ -128,9 +102,7 @@ def influence(
     damping: Annotated[
         float | None, typer.Option(help="Damping λ (default: 0.1 x mean eigenvalue).")
     ] = None,
-    params: Annotated[
-        str | None, typer.Option(help="Comma-separated parameter names, globs or regexes.")
-    ] = None,
+    params: opt.ParamsOption = None,
     num_test: Annotated[int, typer.Option(help="Test examples to explain.")] = 8,
     top: Annotated[int, typer.Option(help="Most helpful and most harmful examples shown.")] = 5,
     flip_fraction: Annotated[
@@ -139,55 +111,28 @@ def influence(
     max_batch_size: Annotated[
         int | None, typer.Option(help="Examples per chunk of per-example gradients.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Seed of the example and every random choice.")] = 0,
-    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("curvscope-influence"),
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print the results JSON on stdout.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress and no summary.")] = False,
+    device: opt.DeviceOption = "auto",
+    dtype: opt.DtypeOption = "float32",
+    seed: opt.seed_option("Seed of the example and every random choice.") = 0,
+    out: opt.OutOption = Path("curvscope-influence"),
+    json_output: opt.JsonOption = False,
+    quiet: opt.QuietOption = False,
 ) -> None:
     """Explain predictions by the training examples behind them (influence functions) and find
     likely mislabelled training examples; writes an HTML report (built-in example: digits with
     flipped labels)."""
-    options = dict(locals())
-    from .loading import BadInputError
-
-    try:
-        from .influence import run
-
-        run(**options)
-    except BadInputError as error:
-        _fail(str(error), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; no report was written.", 130)
-    except Exception as error:
-        detail = " ".join(str(error).split())
-        name = type(error).__name__
-        _fail(f"the influence computation failed ({name}: {detail}); no report written.", 1)
+    opt.guarded(_lazy("influence"), dict(locals()), what="the influence computation")
 
 
-def _register_prune() -> None:
-    from .prune_app import MultiValueCommand, prune
+def _lazy(module: str) -> Callable[..., None]:
+    """The ``run`` of ``curvscope.cli.<module>``, imported when called (keeps --help fast)."""
 
-    app.command(name="prune", cls=MultiValueCommand)(prune)
+    def run(**options: Any) -> None:
+        importlib.import_module(f"{__package__}.{module}").run(**options)
 
-
-_register_prune()
-
-
-def _fail(text: str, code: int) -> None:
-    print(f"curvscope: error: {text}", file=sys.stderr)
-    raise typer.Exit(code)
+    return run
 
 
-def _run(**options: object) -> None:
-    from .run import run
-
-    run(**options)
-
-
-from .track import track as _track  # noqa: E402
-
-app.command("track")(_track)
+#: Every command, registered the same way (MultiValueCommand reads ``--sparsity 0.5 0.7``).
+for _command in (analyze, influence, prune, track):
+    app.command(_command.__name__, cls=opt.MultiValueCommand)(_command)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -64,16 +63,9 @@ def _first_examples(batches: list[Any], count: int) -> tuple[Any, Any]:
 
 def _load_user(options: dict[str, Any], dtype, device) -> dict[str, Any]:
     model, data, test_data = options["model"], options["data"], options["test_data"]
-    if model is None or data is None:
-        missing = "--data" if data is None else "--model"
-        raise loading.BadInputError(
-            f"{missing} is missing: pass both --model and --data, or neither for the "
-            "built-in example."
-        )
-    network = loading.load_model(model)
-    if options["checkpoint"] is not None:
-        loading.load_checkpoint(network, options["checkpoint"])
-    network, batches = loading.prepare(network, loading.load_data(data), dtype=dtype, device=device)
+    network, batches = loading.load_user(
+        model, options["checkpoint"], data, dtype=dtype, device=device
+    )
     loss_fn = loading.resolve_loss(options["loss"])
     loading.check_batches(network, loss_fn, batches)
     if test_data is None:
@@ -111,14 +103,13 @@ def _built_in(options: dict[str, Any], dtype, device, show: bool) -> dict[str, A
 
 def run(**options: Any) -> None:
     """Run ``curvscope influence`` with the parsed command-line options."""
-    if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory load
-        sys.path.insert(0, os.getcwd())
+    loading.use_working_directory()
     show = not options["quiet"]
     _check_options(
         options["curvature"], options["solver"], options["damping"], options["num_test"],
         options["top"], options["flip_fraction"], options["max_batch_size"],
     )  # fmt: skip
-    dtype = loading.DTYPES[loading.resolve_choice(options["dtype"], loading.DTYPES, "--dtype")]
+    dtype = loading.resolve_dtype(options["dtype"])
     device = loading.resolve_device(options["device"])
     start = time.perf_counter()
     if options["model"] is None and options["data"] is None:

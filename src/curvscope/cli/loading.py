@@ -1,4 +1,4 @@
-"""Loading a user's model, checkpoint, data and loss for ``curvscope analyze``.
+"""Loading a user's model, checkpoint, data and loss: the one loading path of every command.
 
 Every problem with the input raises :class:`BadInputError` (a ``ValueError``) with a one-line
 message that names the option and the fix; the command turns it into exit status 2.
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import os
 import pickle
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,40 @@ def prepare(
     """Move the model and every batch to ``device``, floating tensors to ``dtype``."""
     model = model.to(device=device, dtype=dtype)
     return model, [_move(batch, dtype, device) for batch in data]
+
+
+def resolve_dtype(spec: str) -> torch.dtype:
+    """``--dtype``: ``float32`` or ``float64``."""
+    return DTYPES[resolve_choice(spec, DTYPES, "--dtype")]
+
+
+def use_working_directory() -> None:
+    """Let ``--model``/``--data`` name modules in the working directory (like ``python -m``)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def load_user(
+    model: str | None,
+    checkpoint: str | Path | None,
+    data: str | None,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[nn.Module, list[Any]]:
+    """The one loading path of every command: the ``--model`` (with its ``--checkpoint``) and
+    the ``--data`` batches, moved to ``device`` and ``dtype``. Both or neither must be given
+    (neither: the command's built-in example, which the command handles itself)."""
+    if model is None or data is None:
+        missing = "--data" if data is None else "--model"
+        raise BadInputError(
+            f"{missing} is missing: pass both --model and --data, or neither for the "
+            "built-in example."
+        )
+    network = load_model(model)
+    if checkpoint is not None:
+        load_checkpoint(network, checkpoint)
+    return prepare(network, load_data(data), dtype=dtype, device=device)
 
 
 def _move(value: Any, dtype: torch.dtype, device: torch.device) -> Any:

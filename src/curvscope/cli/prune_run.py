@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,11 +55,10 @@ def _check(options: dict[str, Any]) -> tuple[list[float], list[str]]:
 
 def run(**options: Any) -> None:
     """Run ``curvscope prune`` with the command-line options (see its --help)."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    loading.use_working_directory()
     sparsities, methods = _check(options)
     show = not options["quiet"]
-    dtype = loading.DTYPES[loading.resolve_choice(options["dtype"], loading.DTYPES, "--dtype")]
+    dtype = loading.resolve_dtype(options["dtype"])
     device = loading.resolve_device(options["device"])
     loss_fn = loading.resolve_loss(options["loss"])
     if options["model"] is None and options["data"] is None:
@@ -95,14 +93,8 @@ def _count(batches: list[Any]) -> int:
 
 
 def _load_user(options: dict[str, Any], dtype: Any, device: Any) -> tuple[Any, list, list]:
-    if options["model"] is None or options["data"] is None:
-        missing = "--data" if options["data"] is None else "--model"
-        raise BadInputError(f"{missing} is missing: pass both --model and --data, or neither.")
-    model = loading.load_model(options["model"])
-    if options["checkpoint"] is not None:
-        loading.load_checkpoint(model, options["checkpoint"])
-    model, data = loading.prepare(
-        model, loading.load_data(options["data"]), dtype=dtype, device=device
+    model, data = loading.load_user(
+        options["model"], options["checkpoint"], options["data"], dtype=dtype, device=device
     )
     test = data
     if options["test_data"] is not None:

@@ -41,12 +41,11 @@ def run(
     quiet: bool,
 ) -> None:
     """Run the analysis described by the command-line options (see ``curvscope analyze``)."""
-    if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory load
-        sys.path.insert(0, os.getcwd())
+    loading.use_working_directory()
     main = _start_distributed()
     show = main and not quiet
     loading.resolve_choice(curvature, ("hessian", "ggn", "fisher"), "--curvature")
-    torch_dtype = loading.DTYPES[loading.resolve_choice(dtype, loading.DTYPES, "--dtype")]
+    torch_dtype = loading.resolve_dtype(dtype)
     torch_device = loading.resolve_device(device)
     loss_fn = loading.resolve_loss(loss)
     start = time.perf_counter()
@@ -63,7 +62,9 @@ def run(
         held_out = digits_held_out(BUILT_IN_HELD_OUT, dtype=torch_dtype, device=torch_device)
         first_step = "training"
     else:
-        network, batches = _load_user(model, checkpoint, data, torch_dtype, torch_device)
+        network, batches = loading.load_user(
+            model, checkpoint, data, dtype=torch_dtype, device=torch_device
+        )
         loading.check_batches(network, loss_fn, batches)
         held_out = None
         if held_out_data is not None and not no_uncertainty:
@@ -108,21 +109,6 @@ def _start_distributed() -> bool:
     """
     curvscope.init_distributed()
     return curvscope.is_main_process() and os.environ.get("RANK", "0") == "0"
-
-
-def _load_user(
-    model: str | None, checkpoint: Path | None, data: str | None, dtype: Any, device: Any
-) -> tuple[Any, list[Any]]:
-    if model is None or data is None:
-        missing = "--data" if data is None else "--model"
-        raise loading.BadInputError(
-            f"{missing} is missing: pass both --model and --data, or neither for the "
-            "built-in example."
-        )
-    network = loading.load_model(model)
-    if checkpoint is not None:
-        loading.load_checkpoint(network, checkpoint)
-    return loading.prepare(network, loading.load_data(data), dtype=dtype, device=device)
 
 
 def _summary(report: Any, out: Path, timings: list[tuple[str, float]], *, stream: Any) -> None:

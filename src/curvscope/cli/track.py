@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from . import options as opt
 
 #: Defaults of the built-in run: the digits MLP with MSE reaches the edge of stability at
 #: lr 1 within a few hundred steps (about 10 s on a CPU for 1,000 steps).
@@ -15,15 +15,9 @@ BUILT_IN_LR, BUILT_IN_STEPS, BUILT_IN_EVERY = 1.0, 1000, 10
 
 
 def track(
-    model: Annotated[
-        str | None, typer.Option(help="Model factory 'package.module:factory' (built-in if unset).")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="State dict file (loaded with weights_only=True).")
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Data factory 'package.module:factory' -> batches.")
-    ] = None,
+    model: opt.ModelOption = None,
+    checkpoint: opt.CheckpointOption = None,
+    data: opt.DataOption = None,
     loss: Annotated[
         str | None,
         typer.Option(help="cross_entropy, mse or 'package.module:callable' (built-in: mse)."),
@@ -35,32 +29,16 @@ def track(
     ),
     optimizer: Annotated[str, typer.Option(help="gd or momentum (heavy ball, 0.9).")] = "gd",
     top_k: Annotated[int, typer.Option(help="Number of largest eigenvalues per record.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the probes.")] = 0,
-    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("curvscope-track"),
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress and no summary.")] = False,
+    device: opt.DeviceOption = "auto",
+    dtype: opt.DtypeOption = "float32",
+    seed: opt.seed_option("Seed of the initialisation and the probes.") = 0,
+    out: opt.OutOption = Path("curvscope-track"),
+    quiet: opt.QuietOption = False,
 ) -> None:
     """Train with full-batch gradient descent and track the sharpness (the edge of stability);
     write DIR/index.html, DIR/results.json and DIR/sharpness.png (built-in digits example if
     no --model/--data)."""
-    options = dict(locals())
-    from .loading import BadInputError
-
-    try:
-        _run(**options)
-    except BadInputError as error:
-        _fail(str(error), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; no report was written.", 130)
-    except Exception as error:
-        detail = " ".join(str(error).split())
-        _fail(f"tracking failed ({type(error).__name__}: {detail}); no report written.", 1)
-
-
-def _fail(text: str, code: int) -> None:
-    print(f"curvscope: error: {text}", file=sys.stderr)
-    raise typer.Exit(code)
+    opt.guarded(_run, dict(locals()), what="tracking")
 
 
 def _check_numbers(lr: float, steps: int, every: int, top_k: int) -> None:
@@ -77,11 +55,10 @@ def _run(**options: object) -> None:
     from curvscope.cli import loading
     from curvscope.report.track import OPTIMIZERS, train_and_track
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    loading.use_working_directory()
     _check_numbers(options["lr"], options["steps"], options["every"], options["top_k"])
     loading.resolve_choice(options["optimizer"], OPTIMIZERS, "--optimizer")
-    dtype = loading.DTYPES[loading.resolve_choice(options["dtype"], loading.DTYPES, "--dtype")]
+    dtype = loading.resolve_dtype(options["dtype"])
     device = loading.resolve_device(options["device"])
     model, data, checkpoint = options["model"], options["data"], options["checkpoint"]
     if model is None and data is None:
@@ -91,19 +68,8 @@ def _run(**options: object) -> None:
         network, batches = _built_in(loss_fn, options["seed"], dtype, device)
         name = "digits MLP 64-32-10 (built-in)"
     else:
-        if model is None or data is None:
-            missing = "--data" if data is None else "--model"
-            raise loading.BadInputError(
-                f"{missing} is missing: pass both --model and --data, or neither for the "
-                "built-in example."
-            )
+        network, batches = loading.load_user(model, checkpoint, data, dtype=dtype, device=device)
         loss_fn = loading.resolve_loss(options["loss"] or "cross_entropy")
-        network = loading.load_model(model)
-        if checkpoint is not None:
-            loading.load_checkpoint(network, checkpoint)
-        network, batches = loading.prepare(
-            network, loading.load_data(data), dtype=dtype, device=device
-        )
         loading.check_batches(network, loss_fn, batches)
         name = model
     show = not options["quiet"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import operators
-from ._progress import Bar
+from .._progress import progress_bar
 from ._validate import Layer, check_arguments, select_layers
 from .curvature import require_kfac
 from .methods import RUNNERS, Job, removals
@@ -110,7 +110,7 @@ def prune(
         for layer in layers
     }
     loss_before = _loss(model, loss_fn, data, layers)
-    with Bar(progress, f"prune ({method})", sum(removals(layers, sparsity, shape))) as bar:
+    with progress_bar(progress, f"prune ({method})", sum(removals(layers, sparsity, shape))) as bar:
         job = Job(
             model,
             loss_fn,

@@ -8,8 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +19,8 @@ from torch import nn
 
 from ..influence import InfluenceFunction
 from ..influence.gradients import eval_mode
-from .result import _replace_directory, to_jsonable
+from ._save import save_report
+from .result import to_jsonable
 
 #: Bumped whenever a key of ``InfluenceReport.to_dict()`` changes meaning or disappears.
 SCHEMA_VERSION = 1
@@ -114,20 +113,12 @@ class InfluenceReport:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``index.html``, ``results.json`` and the figures, atomically (like Report)."""
-        target = Path(directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            staging.chmod(0o755)
-            figures = self.figures()
-            for name, png in figures.items():
-                (staging / name).write_bytes(png)
-            (staging / "results.json").write_text(self.to_json(), encoding="utf-8")
-            (staging / "index.html").write_text(self.to_html(figures=figures), encoding="utf-8")
-            _replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        return save_report(
+            directory,
+            figures=self.figures,
+            to_json=self.to_json,
+            to_html=lambda figures: self.to_html(figures=figures),
+        )
 
 
 def _batches(data: Any) -> list[tuple[Any, Any]]:

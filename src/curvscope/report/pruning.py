@@ -9,13 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .result import _replace_directory, to_jsonable
+from ._save import save_report
+from .result import to_jsonable
 
 #: Bumped whenever a key of ``PruneReport.to_dict()`` changes meaning or disappears.
 SCHEMA_VERSION = 1
@@ -65,17 +64,9 @@ class PruneReport:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``index.html``, ``results.json`` and the PNG into ``directory``, atomically
         (built beside it and moved into place with one rename; an existing one is replaced)."""
-        target = Path(directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            staging.chmod(0o755)
-            figures = self.figures()
-            for name, png in figures.items():
-                (staging / name).write_bytes(png)
-            (staging / "results.json").write_text(self.to_json(), encoding="utf-8")
-            (staging / "index.html").write_text(self.to_html(figures=figures), encoding="utf-8")
-            _replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        return save_report(
+            directory,
+            figures=self.figures,
+            to_json=self.to_json,
+            to_html=lambda figures: self.to_html(figures=figures),
+        )

@@ -13,14 +13,15 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from ._save import replace_directory as _replace_directory  # noqa: F401 (the old name)
+from ._save import save_report
 
 #: Bumped whenever a key of ``Report.to_dict()`` changes meaning or disappears.
 SCHEMA_VERSION = 1
@@ -213,37 +214,12 @@ class Report:
         Returns:
             The report directory as a ``Path``.
         """
-        target = Path(directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            staging.chmod(0o755)
-            figures = self.figures()
-            for name, png in figures.items():
-                (staging / name).write_bytes(png)
-            (staging / "results.json").write_text(self.to_json(), encoding="utf-8")
-            html = self.to_html(figures=figures)
-            (staging / "index.html").write_text(html, encoding="utf-8")
-            _replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is swapped out, then removed."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        return save_report(
+            directory,
+            figures=self.figures,
+            to_json=self.to_json,
+            to_html=lambda figures: self.to_html(figures=figures),
+        )
 
 
 def to_jsonable(value: Any) -> Any:

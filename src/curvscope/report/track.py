@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from torch import nn
 from .._progress import progress_bar
 from ..operators.data import model_arguments
 from ..tracking import SharpnessRecord, SharpnessTracker
-from .result import _replace_directory
+from ._save import save_report
 
 SCHEMA_VERSION = 1
 OPTIMIZERS = {"gd": 0.0, "momentum": 0.9}  # heavy-ball coefficient β
@@ -100,30 +98,25 @@ class TrackReport:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``index.html``, ``results.json`` and ``sharpness.png``, atomically."""
+        from .html import render_track_html
+
+        return save_report(
+            directory,
+            figures=self._figures,
+            to_json=self.to_json,
+            to_html=lambda figures: render_track_html(self, figures),
+        )
+
+    def _figures(self) -> dict[str, bytes]:
         import io
 
         import matplotlib.pyplot as plt
 
-        from .html import render_track_html
-
-        target = Path(directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            staging.chmod(0o755)
-            figure = self.figure()
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=110)
-            plt.close(figure)
-            png = buffer.getvalue()
-            (staging / "sharpness.png").write_bytes(png)
-            (staging / "results.json").write_text(self.to_json(), encoding="utf-8")
-            html = render_track_html(self, {"sharpness.png": png})
-            (staging / "index.html").write_text(html, encoding="utf-8")
-            _replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        figure = self.figure()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+        plt.close(figure)
+        return {"sharpness.png": buffer.getvalue()}
 
 
 def _full_batch_loss(model: nn.Module, loss_fn: Callable, data: Sequence, total: int) -> float:
