@@ -95,7 +95,9 @@ def build(
     by_jacobians = structure in ("full", "diag") and applies(function, likelihood, data, func)
     if structure == "full":
         if by_jacobians:
-            return DenseStructure(jacobian_ggn(function, likelihood, data, func, diagonal=False))
+            return DenseStructure(
+                jacobian_ggn(function, likelihood, data, func, diagonal=False), psd=True
+            )
         return DenseStructure(dense_in_blocks(ggn), psd=True)
     if structure == "diag":
         if public("GGNDiagonalOperator") is None and by_jacobians:
