@@ -123,32 +123,44 @@ LAPLACE_TORCH_STRUCTURES = {
 
 
 def _laplace_torch_rows(problem: dict[str, Any], label: str, options: dict) -> list[list[Any]]:
-    from laplace import Laplace
     from torch.utils.data import DataLoader, TensorDataset
 
-    x, y, (train, val, test) = problem["x"], problem["y"], problem["split"]
+    x, y, (train, val, _) = problem["x"], problem["y"], problem["split"]
     train_loader = DataLoader(TensorDataset(x[train], y[train]), batch_size=256)
     val_loader = DataLoader(TensorDataset(x[val], y[val]), batch_size=256)
     rows = []
     for tuning in TUNINGS:  # a fresh fit for each: optimize_prior_precision keeps state
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            la = Laplace(problem["model"], "classification", **options)
-            la.fit(train_loader, progress_bar=False)
-            kwargs: dict[str, Any] = {"pred_type": "glm", "link_approx": "probit"}
-            if tuning == "gridsearch":
-                kwargs.update(method="gridsearch", val_loader=val_loader, grid_size=33)
-            else:
-                kwargs.update(method="marglik")
-                kwargs["prior_structure"] = "layerwise" if tuning != "marglik" else "scalar"
-            la.optimize_prior_precision(**kwargs)
-            with torch.no_grad():
-                probs = la(x[test], pred_type="glm", link_approx="probit")
-            seconds = time.perf_counter() - start
-        prior = _prior_text(la.prior_precision)
-        rows.append(["laplace-torch", label, tuning, prior, _metrics(probs, y[test]), seconds])
+        try:
+            rows.append(
+                _laplace_torch_row(problem, label, options, tuning, train_loader, val_loader)
+            )
+        except Exception as error:  # e.g. no layerwise prior for last-layer Laplace
+            detail = " ".join(str(error).split())[:80]
+            rows.append(["laplace-torch", label, tuning, f"failed: {detail}", None, math.nan])
     return rows
+
+
+def _laplace_torch_row(problem, label, options, tuning, train_loader, val_loader) -> list:
+    from laplace import Laplace
+
+    x, y, test = problem["x"], problem["y"], problem["split"][2]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        la = Laplace(problem["model"], "classification", **options)
+        la.fit(train_loader, progress_bar=False)
+        kwargs: dict[str, Any] = {"pred_type": "glm", "link_approx": "probit"}
+        if tuning == "gridsearch":
+            kwargs.update(method="gridsearch", val_loader=val_loader, grid_size=33)
+        else:
+            kwargs.update(method="marglik")
+            kwargs["prior_structure"] = "layerwise" if tuning != "marglik" else "scalar"
+        la.optimize_prior_precision(**kwargs)
+        with torch.no_grad():
+            probs = la(x[test], pred_type="glm", link_approx="probit")
+        seconds = time.perf_counter() - start
+    prior = _prior_text(la.prior_precision)
+    return ["laplace-torch", label, tuning, prior, _metrics(probs, y[test]), seconds]
 
 
 def _safe(rows_fn: Callable[[], list], library: str, label: str, table: Table) -> list:
@@ -208,7 +220,8 @@ def _problem_table(problem: dict[str, Any], have_peer: bool, cfg: Config) -> Tab
                 "laplace-torch", label, table,
             )  # fmt: skip
         for row in ours + peer:
-            table.add(*row[:4], *row[4].values(), row[5])
+            metrics = list(row[4].values()) if row[4] else [None, None, None]
+            table.add(*row[:4], *metrics, row[5])
             print(f"   {problem['name']}: {row}", file=sys.stderr, flush=True)
         _verdicts(table, label, ours, peer, trained["nll"])
     if "kfac" not in structures:
@@ -227,6 +240,9 @@ def _verdicts(table: Table, label: str, ours: list, peer: list, map_nll: float) 
         nll <= map_nll,
     )
     if peer:
+        peer = [row for row in peer if row[4]]
+        if not peer:
+            return
         peer_best = min(peer, key=_nll)
         table.check(
             f"{label}: curvscope's best NLL < laplace-torch's best, in less time",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..operators.distributed import all_reduce_sum
 from ._model import ModelFunction
 from .likelihood import Likelihood
 
@@ -40,6 +41,7 @@ def jacobian_ggn(
             part = targets[start : start + len(output)]
             start += len(output)
             total += _chunk(output, jacobian, part, likelihood, diagonal)
+    all_reduce_sum(total)  # each process holds a shard of the data, as for the operators
     if likelihood.reduction == "mean":
         total /= max(likelihood.num_targets, 1)
     return total

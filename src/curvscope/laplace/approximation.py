@@ -312,7 +312,8 @@ class LaplaceApproximation:
         func = f"{_FUNC}.validation_nll"
         check_choice(func, "predictive", predictive, ("probit", "glm"))
         check_data(val_data, func)
-        values = [self._check_prior(float(v), "grid") for v in (grid or DEFAULT_GRID)]
+        grid = DEFAULT_GRID if grid is None else grid
+        values = [self._check_prior(float(value), "grid") for value in grid]
         return self._validation_nll(val_data, values, predictive, func)
 
     def _validation_nll(self, val_data: Any, values: list, predictive: str, func: str) -> list:
