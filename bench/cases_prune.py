@@ -228,6 +228,10 @@ def cnn_cases(cfg: Config) -> list[Table]:
         return [_accuracy_table(cfg, *problem), _channel_table(cfg, *problem)]
 
 
+def resnet_cases(cfg: Config) -> list[Table]:
+    return [_resnet_table(cfg)]
+
+
 CASES = [
     ("prune/digits", "Issue 14: pruning the digits MLP", digits_cases, False),
     ("prune/cnn", "Issue 14: pruning the small CNN", cnn_cases, False),
