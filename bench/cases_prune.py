@@ -95,7 +95,7 @@ def _accuracy_table(cfg: Config, title: str, model, loss_fn, calibration, train,
         start = time.perf_counter()
         row = [evaluate(_torch_prune(model, s, how), loss_fn, test)[1] for s in sparsities]
         table.add(label, *row, time.perf_counter() - start)
-    with reuse_curvature():  # the dense GGN blocks are computed once, by the first row
+    with reuse_curvature():  # the dense GGN blocks are computed once, by the first row needing them
         for label, options in CURVSCOPE:
             row = _curvscope_row(label, options, model, loss_fn, calibration, test, sparsities)
             table.add(*row)
@@ -217,17 +217,28 @@ def _resnet_table(cfg: Config) -> Table:
     return table
 
 
-def prune_cases(cfg: Config) -> list[Table]:
-    tables = []
-    for build in (_digits_problem, _cnn_problem):
-        problem = build(cfg)
-        tables.append(_accuracy_table(cfg, *problem))
-        if build is _cnn_problem:
-            tables.append(_channel_table(cfg, *problem))
-    tables.append(_resnet_table(cfg))
-    return tables
+def digits_cases(cfg: Config) -> list[Table]:
+    with reuse_curvature():
+        return [_accuracy_table(cfg, *_digits_problem(cfg))]
+
+
+def cnn_cases(cfg: Config) -> list[Table]:
+    problem = _cnn_problem(cfg)
+    with reuse_curvature():  # the channel table reuses the dense blocks of the accuracy table
+        return [_accuracy_table(cfg, *problem), _channel_table(cfg, *problem)]
+
+
+def resnet_cases(cfg: Config) -> list[Table]:
+    return [_resnet_table(cfg)]
 
 
 CASES = [
-    ("prune/accuracy", "Issue 14: one-shot pruning (OBD, OBS, layer-wise OBS)", prune_cases, False),
+    ("prune/digits", "Issue 14: pruning the digits MLP", digits_cases, False),
+    ("prune/cnn", "Issue 14: pruning the small CNN", cnn_cases, False),
+    (
+        "prune/resnet18",
+        "Issue 14: layer_obs on a ResNet-18",
+        lambda cfg: [_resnet_table(cfg)],
+        False,
+    ),
 ]

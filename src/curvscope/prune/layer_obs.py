@@ -22,7 +22,7 @@ from torch import nn
 from ..operators.data import iterate_batches, model_arguments
 from ._validate import FUNC, Layer, Structure
 from .curvature import cached
-from .obs import GreedyOBS, damped_inverse, relative_damping
+from .obs import GreedyOBS
 
 #: The exact greedy per-row OBS runs where rows · cols² and the weight count are at most these.
 OBC_MAX_ENTRIES = 2**22
@@ -95,16 +95,11 @@ def saliency(weight: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 
 
 def prune_layer(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    removals: int,
-    structure: Structure,
-    damping: float,
-) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-    """Prune one layer's weight (rows, cols) in float64; returns (new weight, mask,
-    damping used, whether it was raised). ``structure`` None or "n:m" (rows are independent)."""
+    weight: torch.Tensor, inverse: torch.Tensor, removals: int, structure: Structure
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one layer's weight (rows, cols) in float64 given (2H + λI)⁻¹ (cols, cols);
+    returns (new weight, mask). ``structure`` None or "n:m" (rows are independent)."""
     rows, cols = weight.shape
-    inverse, lam, raised = damped_inverse(2 * hessian, relative_damping(2 * hessian, damping))
     n_of_m = (structure.n, structure.m) if structure.kind == "n:m" else None
     if rows * cols * cols <= OBC_MAX_ENTRIES and rows * cols <= OBC_MAX_WEIGHTS:
         engine = GreedyOBS(weight, inverse.expand(rows, cols, cols), n_of_m=n_of_m)
@@ -114,9 +109,8 @@ def prune_layer(
             if done == 0:
                 break
             left -= done
-        return engine.w, ~engine.removed, lam, raised
-    new, keep = sweep(weight, inverse, removals, n_of_m)
-    return new, keep, lam, raised
+        return engine.w, ~engine.removed
+    return sweep(weight, inverse, removals, n_of_m)
 
 
 def sweep(

@@ -194,10 +194,13 @@ def _row_masks(job: Job, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def _layer_obs(job: Job) -> Outcome:
     hessians = layerwise.input_hessians(job.model, job.data, job.layers)
-    saliency, energy = {}, {}
-    for layer in job.layers:
+    saliency, energy, inverses = {}, {}, {}
+    for layer in job.layers:  # OBS on ‖W X − Ŵ X‖² = Σ_rows δwᵀ (2H / 2) δw: C = 2H
         weight, hessian = job.weights[layer.name], 2 * hessians[layer.name]
-        inverse, _, _ = damped_inverse(hessian, relative_damping(hessian, job.damping))
+        lam = relative_damping(hessian, job.damping)
+        inverse, used, raised = damped_inverse(hessian, lam)
+        _note_damping(job, layer, lam, used, raised)
+        inverses[layer.name] = inverse
         saliency[layer.name] = weight**2 / (2 * inverse.diagonal())
         energy[layer.name] = max(float((weight @ hessians[layer.name] * weight).sum()), 1e-300)
     if job.structure.kind == "channel":  # a whole row costs w_r H w_rᵀ; no row can compensate
@@ -216,11 +219,9 @@ def _layer_obs(job: Job) -> Outcome:
         counts = [int((~chosen[layer.name]).sum()) for layer in job.layers]
     new, masks = {}, {}
     for layer, removals in zip(job.layers, counts, strict=True):
-        weight, keep, lam, raised = layerwise.prune_layer(
-            job.weights[layer.name], hessians[layer.name], removals, job.structure, job.damping
+        new[layer.name], masks[layer.name] = layerwise.prune_layer(
+            job.weights[layer.name], inverses[layer.name], removals, job.structure
         )
-        _note_damping(job, layer, job.damping, lam, raised)
-        new[layer.name], masks[layer.name] = weight, keep
         job.tick(removals)
     return new, masks, saliency
 
