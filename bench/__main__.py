@@ -22,20 +22,17 @@ from .harness import MALLOC_ENV, MEMORY, Config, Table
 
 
 def _cases():
-    from . import (
-        cases_analyze,
-        cases_derivatives,
-        cases_estimators,
-        cases_influence,
-        cases_operators,
-    )
+    from . import cases_analyze, cases_derivatives, cases_estimators, cases_operators
+    from .cases_influence import CASES as INFLUENCE
+    from .cases_lanczos_scale import CASES as LANCZOS_SCALE
 
     return [
         *cases_derivatives.CASES,
         *cases_operators.CASES,
         *cases_estimators.CASES,
+        *LANCZOS_SCALE,
         *cases_analyze.CASES,
-        *cases_influence.CASES,
+        *INFLUENCE,
     ]
 
 

@@ -146,3 +146,96 @@ def test_batch_without_shared_leading_dimension(name):
         function(loss, (torch.ones(3, 2), torch.ones(4, 2)))
     with pytest.raises(ValueError, match=pattern):
         function(loss, torch.tensor(1.0))
+
+
+# Every derivative function in every mode: complex or integer outputs of f are refused alike.
+EVERY_MODE = {
+    "jvp": lambda f, x: curvscope.jvp(f, x, x),
+    "vjp": lambda f, x: curvscope.vjp(f, x, torch.utils._pytree.tree_map(torch.ones_like, f(x))),
+    "hvp-auto": lambda f, x: curvscope.hvp(f, x, x),
+    "hvp-forward-over-reverse": lambda f, x: curvscope.hvp(f, x, x, mode="forward-over-reverse"),
+    "hvp-reverse-over-reverse": lambda f, x: curvscope.hvp(f, x, x, mode="reverse-over-reverse"),
+    "jacobian-auto": lambda f, x: curvscope.jacobian(f, x),
+    "jacobian-forward": lambda f, x: curvscope.jacobian(f, x, mode="forward"),
+    "jacobian-reverse": lambda f, x: curvscope.jacobian(f, x, mode="reverse"),
+    "hessian": lambda f, x: curvscope.hessian(f, x),
+    "hessian_diagonal": lambda f, x: curvscope.hessian_diagonal(f, x),
+    "derivative": lambda f, x: curvscope.derivative(f, x, order=2, direction=x),
+    "batch_jacobian-auto": lambda f, x: curvscope.batch_jacobian(f, x.reshape(2, 1)),
+    "batch_jacobian-forward": lambda f, x: curvscope.batch_jacobian(
+        f, x.reshape(2, 1), mode="forward"
+    ),
+    "batch_jacobian-reverse": lambda f, x: curvscope.batch_jacobian(
+        f, x.reshape(2, 1), mode="reverse"
+    ),
+    "batch_hessian": lambda f, x: curvscope.batch_hessian(f, x.reshape(2, 1)),
+}
+
+
+def _scalar(key):
+    return key.split("-")[0] in SCALAR
+
+
+def rfft(x):
+    return torch.fft.rfft(x, n=4)
+
+
+def rfft_entry(x):
+    return torch.fft.rfft(x, n=4)[1]
+
+
+@pytest.mark.parametrize("key", EVERY_MODE)
+def test_complex_output_is_refused_in_every_mode(key):
+    """Reverse mode would keep only the real part of rfft: no mode answers for a complex f."""
+    name = key.split("-")[0]
+    head = rf"curvscope\.{name}\(f=\.\.\.\): expected a function returning real floating-point "
+    fix = r"dtype torch\.complex128.*Split complex numbers .* torch\.view_as_real\(z\)"
+    with pytest.raises(TypeError, match=head + r"Tensors \(not complex ones\), got .*" + fix):
+        EVERY_MODE[key](rfft_entry if _scalar(key) else rfft, X)
+
+
+@pytest.mark.parametrize("key", EVERY_MODE)
+@pytest.mark.parametrize("kind", ["argmax", "comparison"])
+def test_integer_output_is_a_type_error_in_every_mode(key, kind):
+    if _scalar(key):
+        f = (lambda x: x.argmax()) if kind == "argmax" else (lambda x: (x > 1).sum())
+    else:
+        f = (lambda x: x.argmax(-1, keepdim=True)) if kind == "argmax" else (lambda x: x > 1)
+    name = key.split("-")[0]
+    head = rf"curvscope\.{name}\(f=\.\.\.\): expected a function returning floating-point Tensors"
+    dtype = r"torch\.int64" if kind == "argmax" or _scalar(key) else r"torch\.bool"
+    fix = r"Return the floating-point values they come from \(e\.g\. the logits"
+    with pytest.raises(TypeError, match=head + rf".*argmax.*, got .*dtype {dtype}.*" + fix):
+        EVERY_MODE[key](f, X)
+
+
+@pytest.mark.parametrize("key", ["jvp", "vjp", "jacobian-auto", "jacobian-reverse"])
+def test_one_integer_output_among_floating_ones_is_refused(key):
+    def f(x):
+        return {"value": x * 2, "index": x.argmax(-1, keepdim=True)}
+
+    with pytest.raises(TypeError, match=r"have no derivative\), got .*dtype torch\.int64"):
+        EVERY_MODE[key](f, X)
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_complex_input_says_to_split_real_and_imaginary_parts(name):
+    arg = "xs" if name.startswith("batch") else "x"
+    pattern = rf"curvscope\.{name}\({arg}=\.\.\.\): expected floating-point .*dtype torch\.complex"
+    with pytest.raises(TypeError, match=pattern + r".*torch\.view_as_real\(z\)"):
+        CALLS[name](fine(name), torch.tensor([1 + 1j, 2 - 1j]))
+
+
+def test_check_not_inference_mode():
+    """The shared checker for code that needs autograd names inference_mode and the fix."""
+    from curvscope._checks import check_not_inference_mode
+
+    check_not_inference_mode("HessianOperator")  # no error outside inference mode
+    with torch.no_grad():
+        check_not_inference_mode("HessianOperator")
+    pattern = (
+        r"curvscope\.HessianOperator: cannot run under torch\.inference_mode\(\).*"
+        r"Call it outside torch\.inference_mode\(\), e\.g\. under torch\.no_grad\(\)"
+    )
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=pattern):
+        check_not_inference_mode("HessianOperator")

@@ -128,3 +128,16 @@ def test_batch_jacobian_structured():
         expected = torch.func.jacrev(f)((xs[0][index], xs[1][index]))
         torch.testing.assert_close(jacs["out"][0][index], expected["out"][0])
         torch.testing.assert_close(jacs["out"][1][index], expected["out"][1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_complex_function_split_with_view_as_real_is_exact_in_every_mode(mode):
+    """The fix the complex-output error suggests: the Jacobian of rfft is the DFT matrix."""
+    import numpy as np
+
+    x = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.25])
+    result = curvscope.jacobian(lambda y: torch.view_as_real(torch.fft.rfft(y)), x, mode=mode)
+    dft = torch.from_numpy(np.fft.rfft(np.eye(5), axis=0))  # (3 frequencies, 5 inputs)
+    assert result.shape == (3, 2, 5)
+    torch.testing.assert_close(result[:, 0], dft.real, rtol=0, atol=1e-14)
+    torch.testing.assert_close(result[:, 1], dft.imag, rtol=0, atol=1e-14)

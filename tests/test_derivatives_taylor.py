@@ -55,3 +55,12 @@ def test_structured_input_and_output():
     # d2/dt2 (a+t v_a)^2 (b+t) = 2 v_a^2 b + 4 a v_a; d2/dt2 (b+t)^3 = 6 b
     torch.testing.assert_close(result["p"], torch.tensor([2 * 3.0 + 4 * 1.0, 0.0 + 0.0]))
     torch.testing.assert_close(result["q"][0], torch.tensor(18.0))
+
+
+def test_operation_without_forward_mode_gets_a_clear_error():
+    from models import CubeWithoutForwardMode
+
+    pattern = r"curvscope\.derivative\(f=\.\.\.\): an operation inside f has no forward-mode .*hvp"
+    for order in [1, 2]:
+        with pytest.raises(NotImplementedError, match=pattern):
+            curvscope.derivative(CubeWithoutForwardMode.apply, torch.tensor(2.0), order=order)

@@ -64,3 +64,28 @@ def test_model_hessian_damped_solve(make_case):
     expected = torch.linalg.solve(dense + damping * torch.eye(op.shape[0]), b)
     assert result.converged
     assert float((result.x - expected).norm() / expected.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_is_true_at_a_million_parameters(dtype):
+    # CG scalars and the final residual norm are float64-accumulated: a float32 BLAS dot or
+    # vector_norm over 1M+ entries is off by up to 1e-3 relative
+    values = torch.rand(1_200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    class FreeDiagonal:
+        shape, device = (values.numel(), values.numel()), torch.device("cpu")
+
+        def __init__(self):
+            self.dtype = dtype
+
+        def matmat(self, block):
+            return values.to(dtype)[:, None] * block
+
+    rhs = torch.ones(values.numel(), dtype=dtype)
+    result = curvscope.solve(FreeDiagonal(), rhs, damping=0.5, tol=1e-5)
+    true = torch.linalg.vector_norm(
+        torch.ones(values.numel(), dtype=torch.float64) - (values + 0.5) * result.x.double()
+    )
+    assert 0.5 * float(true) <= result.residual_norm <= 2.0 * float(true)
+    assert result.converged == (float(true) <= 1e-5 * values.numel() ** 0.5)
+    assert result.status == "converged"

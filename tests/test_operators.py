@@ -73,11 +73,15 @@ def test_ggn_equals_explicit_jacobian_sandwich(make_case):
 
 @pytest.mark.parametrize("make_case", MODEL_CASES, ids=case_id)
 def test_empirical_fisher_equals_sum_of_gradient_outer_products(make_case):
+    """F = (1/Z) Σ_n g_n g_nᵀ with g_n the gradient of example n's summed loss terms and Z the
+    number of terms the mean averages over (N·D for MSE on (N, D) outputs)."""
     case = make_case()
-    grads = _per_example_gradients(case)
+    grads = _per_example_gradients(case)  # of each example's loss_fn value (its mean)
     expected = grads.T @ grads
     if case.loss_fn.reduction == "mean":
-        expected = expected / grads.shape[0]
+        _, output, _ = reference_output(case)
+        terms = output(reference_output(case)[0])[0].numel() if case.name == "dict_input" else 1
+        expected = expected * terms**2 / (grads.shape[0] * terms)
     op = curvscope.FisherOperator(case.model, case.loss_fn, case.data)
     torch.testing.assert_close(op.to_dense(), expected, rtol=1e-10, atol=1e-10)
 

@@ -16,13 +16,22 @@ def case():
 
 
 @pytest.mark.parametrize("cls", OPERATORS, ids=IDS)
-def test_empty_data(cls, case):
-    op = cls(case.model, case.loss_fn, [])
+def test_empty_data_is_refused_at_construction(cls, case):
+    x, y = case.data[0]
+    for data in ([], (x[:0], y[:0]), [(x[:0], y[:0]), (x[:0], y[:0])]):
+        with pytest.raises(ValueError, match=r"\(data=...\): expected at least one example"):
+            cls(case.model, case.loss_fn, data)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0], y[:0]))
+    with pytest.raises(ValueError, match=r"\(data=...\): expected at least one example"):
+        cls(case.model, case.loss_fn, loader)
+
+    class Stream:  # re-iterable, without len: emptiness is found on first use
+        def __iter__(self):
+            return iter([(x[:0], y[:0])])
+
+    op = cls(case.model, case.loss_fn, Stream())
     with pytest.raises(ValueError, match=r"\(data=...\): expected at least one example"):
         op @ torch.ones(op.shape[0])
-    x, y = case.data[0]
-    with pytest.raises(ValueError, match=r"at least one example"):
-        cls(case.model, case.loss_fn, (x[:0], y[:0])).num_examples
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ import torch
 import user_model
 
 import curvscope
+from curvscope.cli.loading import BadInputError, resolve_params
 from curvscope.report import html, plots
 from curvscope.report.analyze import layer_groups
 from curvscope.report.landscape import quadratic_radius
-from curvscope.report.loading import BadInputError, resolve_params
 
 
 def _dense_hessian(model, names):

@@ -116,3 +116,22 @@ def check_dtype_and_device(
         raise value_error(func, arg, f"dtype {dtype}", value, f"Cast it with .to({dtype}).")
     if torch.device(value.device) != torch.device(device):
         raise value_error(func, arg, f"device {device}", value, f"Move it with .to('{device}').")
+
+
+def check_not_inference_mode(func: str) -> None:
+    """Refuse to run under ``torch.inference_mode()``, where autograd cannot record anything.
+
+    For code that needs ``torch.autograd`` (operators, estimators over them): one clear error
+    instead of torch's messages about inference tensors. ``torch.no_grad()`` is fine, because
+    curvscope turns gradients back on where it needs them.
+
+    Raises:
+        RuntimeError: if inference mode is on; the message names ``func`` and the fix.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"curvscope.{func}: cannot run under torch.inference_mode(), which switches autograd "
+            "off for everything inside it, and curvature needs autograd. Call it outside "
+            "torch.inference_mode(), e.g. under torch.no_grad() (curvscope enables gradients "
+            "where it needs them) or with no context manager at all."
+        )

@@ -7,8 +7,32 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, an unknown option) as one line on stderr, exit 2, in
+    the same style as every other bad input: no usage box, no traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, "curvscope", complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            print("curvscope: error: interrupted; nothing was written.", file=sys.stderr)
+            code = 130
+        except Exception as error:  # click's UsageError (typer vendors click in newer versions)
+            if not any(kind.__name__ == "UsageError" for kind in type(error).__mro__):
+                raise
+            print(f"curvscope: error: {' '.join(error.format_message().split())}", file=sys.stderr)
+            code = 2
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     pretty_exceptions_enable=False,
     help="curvscope: the curvature of trained PyTorch networks.",
@@ -59,7 +83,7 @@ def analyze(
     """Analyse a trained model's curvature and write an HTML report (built-in example if no
     --model/--data)."""
     options = dict(locals())
-    from ..report.loading import BadInputError
+    from .loading import BadInputError
 
     try:
         _run(**options)
@@ -121,7 +145,7 @@ def influence(
     likely mislabelled training examples; writes an HTML report (built-in example: digits with
     flipped labels)."""
     options = dict(locals())
-    from ..report.loading import BadInputError
+    from .loading import BadInputError
 
     try:
         from .influence import run

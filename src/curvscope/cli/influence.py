@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from curvscope.report import loading
+from curvscope.cli import loading
 from curvscope.report.influence_example import noisy_digits_example
 from curvscope.report.influence_report import influence_report
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import curvscope
-from curvscope.report import loading
+from curvscope.cli import loading
 
 #: Batch size of the built-in example in the command.
 BUILT_IN_BATCH_SIZE = 2048

@@ -14,6 +14,12 @@ from .tree import leaves_of
 
 STRUCTURE = "a Tensor, or a tuple or dict of Tensors"
 
+#: How to get a real function from a complex one: every derivative here is of real numbers.
+SPLIT_COMPLEX = (
+    "Split complex numbers into real and imaginary parts with torch.view_as_real(z) (and back "
+    "inside f with torch.view_as_complex): derivatives of real functions are exact in every mode."
+)
+
 
 def check_function(func: str, f: Any) -> None:
     """``f`` must be callable."""
@@ -26,12 +32,13 @@ def check_input(func: str, arg: str, x: Any) -> tuple[list[torch.Tensor], pytree
     leaves, spec = leaves_of(x, func, arg)
     for leaf in leaves:
         if not leaf.is_floating_point():
+            fix = (
+                SPLIT_COMPLEX
+                if leaf.is_complex()
+                else f"Convert with {arg}.to(torch.float64) (or float32)."
+            )
             raise type_error(
-                func,
-                arg,
-                "floating-point Tensors (derivatives need real numbers)",
-                leaf,
-                f"Convert with {arg}.to(torch.float64) (or float32).",
+                func, arg, "floating-point Tensors (derivatives need real numbers)", leaf, fix
             )
     return leaves, spec
 
@@ -110,8 +117,30 @@ def check_order(func: str, order: Any) -> int:
     return int(order)
 
 
+def check_real_output(func: str, leaf: torch.Tensor) -> None:
+    """An output of ``f`` must be real floating point: complex and integer values are refused.
+
+    Reverse mode would silently keep only the real part of a complex output, and integer or
+    boolean outputs (argmax, comparisons) have no derivative, so every mode refuses both alike.
+    """
+    if leaf.is_floating_point():
+        return
+    if leaf.is_complex():
+        expected = "a function returning real floating-point Tensors (not complex ones)"
+        raise type_error(func, "f", expected, leaf, SPLIT_COMPLEX)
+    raise type_error(
+        func,
+        "f",
+        "a function returning floating-point Tensors (integer and boolean values, e.g. from "
+        "argmax or a comparison, have no derivative)",
+        leaf,
+        "Return the floating-point values they come from (e.g. the logits instead of their "
+        "argmax), and compute integer results outside f.",
+    )
+
+
 def check_output(func: str, out: Any, *, scalar: bool) -> list[torch.Tensor]:
-    """The value of ``f`` must be Tensors (one Tensor with one element if ``scalar``)."""
+    """The value of ``f`` must be real floating Tensors (one element if ``scalar``)."""
     if scalar:
         if not isinstance(out, torch.Tensor):
             raise type_error(
@@ -129,6 +158,7 @@ def check_output(func: str, out: Any, *, scalar: bool) -> list[torch.Tensor]:
                 out,
                 "Reduce the output, e.g. return loss.sum() or loss.mean().",
             )
+        check_real_output(func, out)
         return [out]
     leaves, _ = pytree.tree_flatten(out)
     for leaf in leaves:
@@ -142,6 +172,8 @@ def check_output(func: str, out: Any, *, scalar: bool) -> list[torch.Tensor]:
             )
     if not leaves:
         raise type_error(func, "f", f"a function returning {STRUCTURE}", out, "Return a Tensor.")
+    for leaf in leaves:
+        check_real_output(func, leaf)
     return leaves
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.func
 
 from ._basis import FlatFunction, basis_matrix, basis_products
+from ._norms import composite_norms
 from ._validate import check_batched_input, check_chunk_size, check_function, check_input
 from .products import forward_or_reverse
 from .tree import split, split_matrix
@@ -110,7 +111,8 @@ def batch_hessian(
     check_function("batch_hessian", f)
     chunk_size = check_chunk_size("batch_hessian", chunk_size)
     check_batched_input("batch_hessian", xs)
-    return torch.func.vmap(lambda x: _hessian("batch_hessian", f, x, chunk_size, False))(xs)
+    with composite_norms():  # torch's fused norm backwards cannot be vmapped
+        return torch.func.vmap(lambda x: _hessian("batch_hessian", f, x, chunk_size, False))(xs)
 
 
 def hessian_diagonal(

@@ -13,6 +13,7 @@ import torch
 import torch.func
 
 from ._basis import FlatFunction, basis_matrix
+from ._norms import composite_norms
 from ._validate import (
     check_batched_input,
     check_chunk_size,
@@ -129,4 +130,7 @@ def batch_jacobian(
     check_mode("batch_jacobian", mode, JACOBIAN_MODES)
     chunk_size = check_chunk_size("batch_jacobian", chunk_size)
     check_batched_input("batch_jacobian", xs)
-    return torch.func.vmap(lambda x: _jacobian("batch_jacobian", f, x, mode, chunk_size, False))(xs)
+    with composite_norms():  # torch's fused norm backwards cannot be vmapped
+        return torch.func.vmap(
+            lambda x: _jacobian("batch_jacobian", f, x, mode, chunk_size, False)
+        )(xs)

@@ -15,20 +15,13 @@ import torch
 import torch.func
 
 from ._validate import check_function, check_input, check_like, check_mode, checked
+from .kernel import MODES, lacks_forward_ad
 
 __all__ = ["hvp", "jvp", "vjp"]
 
-HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
+HVP_MODES = MODES  # one meaning of mode everywhere: see derivatives.kernel
 
 T = TypeVar("T")
-
-
-def lacks_forward_ad(error: Exception) -> bool:
-    """Whether ``error`` says an operation has no forward-mode derivative."""
-    if isinstance(error, NotImplementedError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("forward ad" in text or "forward-mode" in text)
 
 
 def forward_or_reverse(forward: Callable[[], T], reverse: Callable[[], T]) -> T:

@@ -14,7 +14,9 @@ import torch
 import torch.func
 
 from .._checks import value_error
+from ._norms import composite_norms
 from ._validate import check_function, check_input, check_like, check_order, checked
+from .products import lacks_forward_ad
 
 __all__ = ["derivative"]
 
@@ -29,6 +31,10 @@ def derivative(f: Callable[[Any], Any], x: Any, *, order: int, direction: Any = 
 
     d^k/dt^k f(x + t v) at t = 0; for a one-element x and no direction, the ordinary f^(k)(x).
 
+    For order >= 2, ``layer_norm``, ``batch_norm`` and ``instance_norm`` inside ``f`` are computed
+    from elementary operations (same values): torch's fused kernels give wrong nested
+    forward-mode derivatives (pytorch/pytorch#196700).
+
     Args:
         f: a function of ``x`` returning a Tensor, or a tuple or dict of Tensors.
         x: a floating Tensor, or a tuple or dict of them.
@@ -38,6 +44,9 @@ def derivative(f: Callable[[Any], Any], x: Any, *, order: int, direction: Any = 
 
     Returns:
         The derivative, with the structure and shapes of ``f(x)``.
+
+    Raises:
+        NotImplementedError: if an operation in ``f`` has no forward-mode rule in torch.
 
     Example:
         >>> derivative(lambda x: x**3, torch.tensor(3.0), order=2)
@@ -60,4 +69,16 @@ def derivative(f: Callable[[Any], Any], x: Any, *, order: int, direction: Any = 
     g = checked(f, "derivative")
     for _ in range(order):
         g = _along(g, direction)
-    return g(x)
+    try:
+        if order == 1:
+            return g(x)
+        with composite_norms():  # torch's fused norms have wrong higher-order rules
+            return g(x)
+    except (NotImplementedError, RuntimeError) as error:
+        if not lacks_forward_ad(error):
+            raise
+        raise NotImplementedError(
+            "curvscope.derivative(f=...): an operation inside f has no forward-mode derivative "
+            f"in torch, and derivative nests forward mode ({' '.join(str(error).split())}). For "
+            "order 1 use jvp or vjp; for order 2 of a scalar f, v @ hvp(f, x, v) (reverse mode)."
+        ) from error

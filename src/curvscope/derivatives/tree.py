@@ -131,3 +131,20 @@ def flatten(tree: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
         return split(vector, shapes, spec)
 
     return join(leaves), unflatten
+
+
+def tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    """Every Tensor in a nested structure (tuples, lists, dicts), in ``pytree`` order."""
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def map_tensors(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``tree`` with ``fn`` applied to every Tensor; other leaves are kept as they are."""
+    return pytree.tree_map_only(torch.Tensor, fn, tree)
+
+
+def split_flat(vector: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Cut a flat vector (or the last dimension of a (k, n) block) into views of ``shapes``."""
+    lead = vector.shape[:-1]
+    pieces = vector.split([math.prod(shape) for shape in shapes], dim=-1)
+    return [piece.view(*lead, *shape) for piece, shape in zip(pieces, shapes, strict=True)]

@@ -33,6 +33,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: The statuses of the stochastic estimates (trace, diagonal, density, Frobenius norm).
+EXACT, ESTIMATED, NO_ERROR_ESTIMATE = "exact", "estimated", "no_error_estimate"
+
+
+def estimate_status(method: str, error: Any) -> str:
+    """``"exact"`` for the exact method; ``"estimated"`` when every standard error is finite;
+    ``"no_error_estimate"`` when some could not be estimated (too few probes)."""
+    if method == "exact":
+        return EXACT
+    if isinstance(error, torch.Tensor):
+        finite = bool(torch.isfinite(error).all())
+    else:
+        finite = math.isfinite(float(error))
+    return ESTIMATED if finite else NO_ERROR_ESTIMATE
+
+
 class Result:
     """Mixin for the frozen result dataclasses: ``to_dict`` gives a JSON-ready dict.
 

@@ -12,6 +12,7 @@ import torch
 from .._checks import check_float, check_int
 from .._random import rademacher
 from ._common import Counter, check_operator, generator
+from ._lanczos import norm, orthogonalise
 from ._progress import Progress
 from ._results import Result
 
@@ -36,6 +37,9 @@ class SpectralDensity(Result):
         num_probes, lanczos_steps: the settings used (1 and P for the exact method).
         method: ``"slq"``, or ``"exact"`` when P <= num_probes * lanczos_steps: then the P
             eigenvalues of the dense matrix from P products, each of weight 1/P, cost no more.
+        status: ``"exact"`` (the exact method) or ``"estimated"`` (stochastic Lanczos
+            quadrature: the error, from the probes and the finite number of steps, is not
+            estimated; compare two seeds or more probes).
     """
 
     nodes: torch.Tensor
@@ -46,6 +50,7 @@ class SpectralDensity(Result):
     num_probes: int
     lanczos_steps: int
     method: str = "slq"
+    status: str = "estimated"
 
     def atoms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat (nodes, weights) of the approximating distribution, weights summing to 1."""
@@ -76,42 +81,42 @@ class SpectralDensity(Result):
         return curve if is_tensor else curve.numpy()
 
 
-def _orthogonalise_block(basis: torch.Tensor, block: torch.Tensor) -> tuple:
-    """Per column b: remove from block[:, b] its components along basis[:, :, b], twice."""
-    total = torch.zeros(basis.shape[0], block.shape[1], dtype=torch.float64)
-    for _ in range(2):
-        coeffs = torch.einsum("jpb,pb->jb", basis, block)
-        block = block - torch.einsum("jpb,jb->pb", basis, coeffs)
-        total += coeffs.detach().to("cpu", torch.float64)
-    return block, total
-
-
 def _lanczos_block(apply: Counter, probes: torch.Tensor, steps: int) -> tuple:
     """Independent Lanczos runs, one per column of ``probes``, sharing block products.
+
+    Each probe's basis is a contiguous (steps, P) block of rows, reorthogonalised with the
+    float64-accumulated Gram-Schmidt of the eigenvalue engine (``_lanczos``), so that float32
+    at millions of parameters keeps its basis orthonormal.
 
     Returns alpha (b, steps), beta (b, steps) (beta[:, j] couples steps j and j + 1; zero after
     an invariant subspace, when that probe stops taking products).
     """
     size, count = probes.shape
-    basis = torch.zeros(steps, size, count, dtype=probes.dtype, device=probes.device)
+    basis = torch.empty(count, steps, size, dtype=probes.dtype, device=probes.device)
     alpha, beta = np.zeros((count, steps)), np.zeros((count, steps))
-    vector = probes / torch.linalg.vector_norm(probes, dim=0)
-    active = torch.ones(count, dtype=torch.bool)
+    rows = probes.T.contiguous()
+    for probe in range(count):
+        basis[probe, 0] = rows[probe] / norm(rows[probe])
+    active = list(range(count))
     eps = torch.finfo(probes.dtype).eps
     for step in range(steps):
-        basis[step] = vector
-        columns = active.nonzero()[:, 0].to(probes.device)
-        image = torch.zeros_like(vector)
-        image[:, columns] = apply(vector[:, columns])
-        scale = torch.linalg.vector_norm(image, dim=0).cpu()
-        image, coeffs = _orthogonalise_block(basis[: step + 1], image)
-        alpha[:, step] = coeffs[step].numpy()
-        norms = torch.linalg.vector_norm(image, dim=0).cpu()
-        active &= norms > 100 * eps * scale.clamp_min(1e-300)
-        norms = torch.where(active, norms, torch.zeros_like(norms))
-        beta[:, step] = norms.to(torch.float64).numpy()
-        safe = torch.where(active, norms, torch.ones_like(norms)).to(image)
-        vector = torch.where(active.to(image.device), image / safe, torch.zeros_like(image))
+        if not active:
+            break
+        block = basis[active, step].T.contiguous()
+        images = apply(block).T.contiguous()
+        still = []
+        for index, probe in enumerate(active):
+            vector = images[index]
+            scale = norm(vector)
+            alpha[probe, step] = orthogonalise(basis[probe, : step + 1], vector)[step]
+            length = norm(vector)
+            if length <= 100 * eps * max(scale, 1e-300):
+                continue  # invariant subspace: beta stays 0 and this probe stops
+            beta[probe, step] = length
+            if step + 1 < steps:
+                basis[probe, step + 1] = vector / length
+                still.append(probe)
+        active = still
     return alpha, beta
 
 
@@ -149,6 +154,7 @@ def _exact(apply: Counter, op: Any) -> SpectralDensity:
         num_probes=1,
         lanczos_steps=size,
         method="exact",
+        status="exact",
     )
 
 
@@ -214,4 +220,5 @@ def spectral_density(
         num_matvecs=apply.count,
         num_probes=num_probes,
         lanczos_steps=steps,
+        status="estimated",
     )

@@ -13,7 +13,7 @@ from .._random import rademacher
 from ..operators.base import split_by_shapes
 from ._common import Counter, check_budget, check_operator, chunks, exact_diagonal, generator
 from ._progress import Progress
-from ._results import Result
+from ._results import Result, estimate_status
 from .trace import _leave_one_out_directions
 
 METHODS = ("hutchinson", "xdiag", "exact")
@@ -33,6 +33,8 @@ class DiagonalEstimate(Result):
         std_error: (P,) per-entry standard errors (zeros for ``"exact"``).
         num_matvecs: products used.
         method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
+        status: ``"exact"``, ``"estimated"`` (finite standard errors) or
+            ``"no_error_estimate"`` (some standard error could not be estimated).
         param_shapes: name -> shape of the operator's parameters, or None.
     """
 
@@ -40,6 +42,7 @@ class DiagonalEstimate(Result):
     std_error: torch.Tensor
     num_matvecs: int
     method: str
+    status: str
     param_shapes: dict[str, tuple[int, ...]] | None = None
 
     def by_name(self, *, std_error: bool = False) -> dict[str, torch.Tensor]:
@@ -142,5 +145,6 @@ def diagonal(
         std_error=error.to(op.dtype),
         num_matvecs=apply.count,
         method=method,
+        status=estimate_status(method, error),
         param_shapes={n: tuple(s) for n, s in shapes.items()} if shapes else None,
     )

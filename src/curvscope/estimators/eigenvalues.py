@@ -18,6 +18,8 @@ from ._results import Result
 
 WHICH = ("largest", "smallest", "magnitude", "both")
 _FUNC = "eigenvalues"
+#: Explicit checks that may contradict the recurrence before giving up ("stagnated").
+_CHECKS = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,12 +31,18 @@ class EigenResult(Result):
             descending, ``"smallest"`` ascending, ``"magnitude"`` by descending ``|value|``,
             ``"both"`` ascending (the k smallest first, then the k largest).
         vectors: (P, k) unit eigenvectors in the operator's dtype and device, or None.
-        residual_norms: (k,) float64 ``||A v - value v||``; some eigenvalue of A lies within it.
-        converged: (k,) bool, ``residual_norm <= tol * max(|value|, sqrt(eps) * ||A||_est)``.
+        residual_norms: (k,) float64 ``||A v - value v||`` of the returned unit vectors,
+            computed explicitly from the products (not from the Lanczos recurrence), never
+            below ``10 eps ||A||_est`` (the rounding of one product); some eigenvalue of A lies
+            within it of ``value``.
+        converged: (k,) bool, ``residual_norm <= tol * max(|value|, sqrt(eps) * ||A||_est)``
+            (eps of the operator's dtype, ``||A||_est`` the largest |Ritz value| seen).
         num_matvecs: products with the operator used.
         which: the part of the spectrum asked for.
         tol: the relative tolerance asked for.
-        status: ``"converged"`` (all converged) or ``"max_matvecs"`` (budget spent first).
+        status: ``"converged"`` (all converged), ``"max_matvecs"`` (budget spent first) or
+            ``"stagnated"`` (the recurrence claimed convergence three times but the explicit
+            residuals missed ``tol``: rounding in the operator's dtype cannot deliver it).
         method: ``"lanczos"`` or ``"dense"`` (P products, for tiny operators).
         num_restarts: thick restarts done.
     """
@@ -115,28 +123,39 @@ def _converged(values: np.ndarray, residuals: np.ndarray, tol: float, anorm: flo
 
 
 def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, bar) -> tuple:
-    """Run thick-restart Lanczos until the ``want`` wanted Ritz pairs converge or the budget."""
+    """Run thick-restart Lanczos until the ``want`` wanted Ritz pairs converge or the budget.
+
+    The recurrence residuals ``|beta s_last|`` decide when to look; the answer is then checked
+    with explicit residuals from the stored products. If those miss ``tol`` while the
+    recurrence claims it (rounding), iteration goes on; after ``_CHECKS`` such misses the
+    status is ``"stagnated"``: the arithmetic cannot deliver ``tol``.
+    """
     engine = ThickRestartLanczos(apply, start, basis_size, gen)
-    eps, anorm, restarts = engine.eps, 0.0, 0
+    eps, anorm, restarts, misses = engine.eps, 0.0, 0, 0
     while True:
         engine.step()
         theta, vectors, residuals = engine.ritz()
         anorm = max(anorm, float(np.abs(theta).max()))
         residuals = np.maximum(residuals, 10 * math.sqrt(engine.n) * eps * anorm)
         chosen = _pick(theta, which, want)
-        done = len(chosen) == want and bool(
+        claimed = len(chosen) == want and bool(
             _converged(theta[chosen], residuals[chosen], tol, anorm, eps).all()
         )
         bar.update(apply.count, float(np.max(residuals[chosen] / max(anorm, 1e-300))))
-        if done or apply.count >= budget:
-            break
+        if claimed or apply.count >= budget:
+            values, true, rows = engine.explicit(vectors[:, chosen])
+            true = np.maximum(true, 10 * eps * anorm)
+            if _converged(values, true, tol, anorm, eps).all():
+                return values, rows, true, anorm, restarts, "converged"
+            misses += claimed
+            if apply.count >= budget or misses >= _CHECKS:
+                status = "max_matvecs" if apply.count >= budget else "stagnated"
+                return values, rows, true, anorm, restarts, status
         if engine.n == basis_size:
             nconv = int(_converged(theta[chosen], residuals[chosen], tol, anorm, eps).sum())
             keep = _keep_count(want, nconv, basis_size)
             engine.restart(_pick(theta, which, keep), theta, vectors, 10 * eps * anorm)
             restarts += 1
-    vecs = engine.ritz_vectors(vectors[:, chosen])
-    return theta[chosen], vecs, residuals[chosen], anorm, restarts
 
 
 def _keep_count(want: int, nconv: int, basis_size: int) -> int:
@@ -181,7 +200,11 @@ def eigenvalues(
     reorthogonalisation, so no ghost duplicates. Each Ritz pair ``(theta, y = V s)`` satisfies
     ``||A y - theta y|| = |beta_m s_m|`` exactly by the Lanczos relation, and some eigenvalue of
     A lies within that distance of theta. Convergence is checked after every product; converged
-    pairs are kept at every restart and locked once exact to rounding. Operators with
+    pairs are kept at every restart and locked once exact to rounding. The reported residuals
+    and the convergence flags come from explicit residuals ``||A y - theta y||`` computed from
+    the stored products ``A V`` (no extra products), with inner products accumulated in float64,
+    so they are true in float32 at millions of parameters too. Memory: two (m, P) blocks in the
+    operator's dtype (basis and products), m = ``max(2k + 10, 30)``. Operators with
     ``P <= max(2k + 10, 30)`` (k doubled for "both") are solved exactly from P products.
     Like every single-vector Krylov method (ARPACK included) it may miss the second copy of a
     repeated eigenvalue when the wanted pairs converge before rounding brings that copy in.
@@ -191,7 +214,8 @@ def eigenvalues(
         k: how many eigenvalues (from each end for ``which="both"``).
         which: ``"largest"`` (algebraic), ``"smallest"`` (algebraic, most negative first),
             ``"magnitude"`` (largest ``|lambda|``) or ``"both"`` (k from each end, 2k values).
-        tol: relative tolerance on the residual: ``||A v - lambda v|| <= tol * |lambda|``.
+        tol: relative tolerance on the residual: ``||A v - lambda v|| <= tol * |lambda|``
+            (``tol * sqrt(eps) * ||A||_est`` for eigenvalues below ``sqrt(eps) ||A||``).
         max_matvecs: product budget; default ``min(max(20 k, 300), 10 P)``.
         seed: integer or ``torch.Generator`` for the random start vector.
         v0: warm start, a (P,) vector or a (P, m) block (e.g. earlier eigenvectors: their
@@ -224,19 +248,21 @@ def eigenvalues(
     with Progress(progress, "eigenvalues", budget) as bar:
         if size <= default_basis_size(want) and (budget >= size or basis_size <= want):
             values, vecs, residuals, anorm = _dense(apply, op, want, which)
-            method, restarts = "dense", 0
+            rows, method, restarts, status = vecs.T, "dense", 0, None
         else:
             found = _lanczos(apply, start, want, which, tol, budget, basis_size, gen, bar)
-            values, vecs, residuals, anorm, restarts = found
+            values, rows, residuals, anorm, restarts, status = found
             method = "lanczos"
         bar.update(apply.count, None)
     order = _order(values, which)
     values, residuals = values[order], residuals[order]
     converged = _converged(values, residuals, tol, anorm, torch.finfo(op.dtype).eps)
+    if status is None or bool(converged.all()):
+        status = "converged" if bool(converged.all()) else "max_matvecs"
     vectors = None
     if return_eigenvectors:
-        vectors = vecs[:, torch.as_tensor(order)].to(dtype=op.dtype, device=op.device)
-        vectors = vectors / torch.linalg.vector_norm(vectors, dim=0)
+        rows = rows[torch.as_tensor(order, device=rows.device)]
+        vectors = rows.to(dtype=op.dtype, device=op.device).T.contiguous()
     return EigenResult(
         values=torch.as_tensor(values, dtype=torch.float64),
         vectors=vectors,
@@ -245,7 +271,7 @@ def eigenvalues(
         num_matvecs=apply.count,
         which=which,
         tol=tol,
-        status="converged" if bool(converged.all()) else "max_matvecs",
+        status=status,
         method=method,
         num_restarts=restarts,
     )

@@ -19,7 +19,8 @@ from ._common import (
     mean_and_error,
     quantile,
 )
-from ._results import Result
+from ._progress import Progress
+from ._results import Result, estimate_status
 
 _FUNC = "frobenius_norm"
 
@@ -34,6 +35,7 @@ class FrobeniusNormEstimate(Result):
         ci_low, ci_high: square roots of the t interval for ||A||_F^2 (clipped at 0).
         confidence: the interval's nominal coverage.
         num_matvecs: products used.
+        status: ``"estimated"`` (finite standard error) or ``"no_error_estimate"``.
     """
 
     value: float
@@ -42,6 +44,7 @@ class FrobeniusNormEstimate(Result):
     ci_high: float
     confidence: float
     num_matvecs: int
+    status: str
 
 
 def frobenius_norm(
@@ -50,6 +53,7 @@ def frobenius_norm(
     num_matvecs: int = 100,
     confidence: float = 0.95,
     seed: int | torch.Generator = 0,
+    progress: bool = False,
 ) -> FrobeniusNormEstimate:
     """Estimate ||A||_F from ||A||_F^2 = tr(A^T A) = E[||A z||^2] over Rademacher z (Hutchinson).
 
@@ -58,6 +62,7 @@ def frobenius_norm(
         num_matvecs: number of probes (products), >= 2.
         confidence: nominal coverage of ``[ci_low, ci_high]``, in (0, 1).
         seed: integer or ``torch.Generator`` for the probes.
+        progress: show a progress bar (products, relative standard error) on stderr.
 
     Returns:
         FrobeniusNormEstimate with ``value``, ``std_error``, ``ci_low``, ``ci_high``.
@@ -73,9 +78,12 @@ def frobenius_norm(
     confidence = check_confidence(_FUNC, confidence)
     gen = generator(_FUNC, seed)
     apply, samples = Counter(op), []
-    for start, stop in chunks(budget):
-        probes = rademacher((op.shape[0], stop - start), gen, dtype=op.dtype, device=op.device)
-        samples.append((apply(probes).to(torch.float64) ** 2).sum(dim=0))
+    with Progress(progress, "frobenius norm", budget) as bar:
+        for start, stop in chunks(budget):
+            shape = (op.shape[0], stop - start)
+            probes = rademacher(shape, gen, dtype=op.dtype, device=op.device)
+            samples.append((apply(probes).to(torch.float64) ** 2).sum(dim=0))
+            bar.update(apply.count)
     square, square_error = mean_and_error(torch.cat(samples))
     value = math.sqrt(max(square, 0.0))
     half = quantile(confidence, budget - 1) * square_error
@@ -86,4 +94,5 @@ def frobenius_norm(
         ci_high=math.sqrt(max(square + half, 0.0)),
         confidence=confidence,
         num_matvecs=apply.count,
+        status=estimate_status("hutchinson", square_error),
     )

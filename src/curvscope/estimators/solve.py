@@ -10,6 +10,7 @@ import torch
 
 from .._checks import check_float, check_int
 from ._common import Counter, check_operator, check_tensor_for, check_tol
+from ._lanczos import dots, norm
 from ._progress import Progress
 from ._results import Result
 
@@ -43,25 +44,30 @@ class SolveResult(Result):
     tol: float
 
 
+def _dot(left: torch.Tensor, right: torch.Tensor) -> float:
+    """``left @ right`` accumulated in float64 (a float32 BLAS dot over millions is off)."""
+    return float(dots(left[None, :], right)[0])
+
+
 def _cg(apply, rhs, damping, tol, budget, bar) -> tuple[torch.Tensor, int, str]:
     """Conjugate gradients from x = 0 (Hestenes & Stiefel 1952), in float64 scalars."""
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     direction = residual.clone()
-    rho = float(residual @ residual)
-    target = (tol * float(torch.linalg.vector_norm(rhs))) ** 2
+    rho = _dot(residual, residual)
+    target = (tol * norm(rhs)) ** 2
     iterations, status = 0, "max_matvecs"
     while rho > target:
         if apply.count >= budget:
             return x, iterations, "max_matvecs"
         image = apply(direction[:, None])[:, 0] + damping * direction
-        curvature = float(direction @ image)
+        curvature = _dot(direction, image)
         if not curvature > 0:
             return x, iterations, "not positive definite"
         step = rho / curvature
         x = x + step * direction
         residual = residual - step * image
-        rho, previous = float(residual @ residual), rho
+        rho, previous = _dot(residual, residual), rho
         direction = residual + (rho / previous) * direction
         iterations += 1
         bar.update(apply.count, rho**0.5)
@@ -112,9 +118,9 @@ def solve(
     apply = Counter(op)
     with Progress(progress, "solve", budget) as bar:
         x, iterations, status = _cg(apply, rhs, damping, tol, budget, bar)
-    norm_b = float(torch.linalg.vector_norm(rhs))
+    norm_b = norm(rhs)
     true_residual = rhs - (apply(x[:, None])[:, 0] + damping * x) if iterations else rhs
-    residual_norm = float(torch.linalg.vector_norm(true_residual))
+    residual_norm = norm(true_residual)
     relative = residual_norm / norm_b if norm_b > 0 else 0.0
     converged = relative <= tol
     if status == "converged" and not converged:

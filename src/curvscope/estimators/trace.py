@@ -22,7 +22,7 @@ from ._common import (
     quantile,
 )
 from ._progress import Progress
-from ._results import Result
+from ._results import Result, estimate_status
 
 METHODS = ("hutch++", "hutchinson", "xtrace", "exact")
 _FUNC = "trace"
@@ -40,6 +40,8 @@ class TraceEstimate(Result):
         confidence: the interval's nominal coverage.
         num_matvecs: products used.
         method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"exact"``.
+        status: ``"exact"``, ``"estimated"`` (finite standard error) or
+            ``"no_error_estimate"`` (too few probes to estimate the error: std_error is inf).
     """
 
     value: float
@@ -49,6 +51,7 @@ class TraceEstimate(Result):
     confidence: float
     num_matvecs: int
     method: str
+    status: str
 
 
 def _probes(gen: torch.Generator, size: int, count: int, op: Any) -> torch.Tensor:
@@ -195,4 +198,5 @@ def trace(
         confidence=confidence,
         num_matvecs=apply.count,
         method=method,
+        status=estimate_status(method, error),
     )

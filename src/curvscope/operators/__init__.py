@@ -1,5 +1,6 @@
 """Curvature of a model over a dataset as linear operators, and the data/distributed layer."""
 
+from ._inputs import TrainModeWarning
 from .base import DenseOperator, LinearOperator
 from .distributed import init_distributed, is_main_process, shard
 from .fisher import FisherOperator
@@ -12,6 +13,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "TrainModeWarning",
     "init_distributed",
     "is_main_process",
     "shard",

@@ -18,6 +18,7 @@ import scipy.sparse.linalg
 import torch
 
 from .._checks import check_dtype_and_device, check_int, describe, type_error, value_error
+from ..derivatives.tree import split_flat
 
 #: ``to_dense`` refuses to build a matrix larger than this many entries unless told otherwise.
 DEFAULT_MAX_DENSE_ENTRIES = 10_000 * 10_000
@@ -27,12 +28,7 @@ def split_by_shapes(
     flat: torch.Tensor, shapes: Mapping[str, torch.Size]
 ) -> dict[str, torch.Tensor]:
     """Split a flat tensor into a dict name -> tensor of the given shapes, in order."""
-    out, start = {}, 0
-    for key, shape in shapes.items():
-        size = math.prod(shape)
-        out[key] = flat[start : start + size].reshape(shape)
-        start += size
-    return out
+    return dict(zip(shapes, split_flat(flat, list(shapes.values())), strict=True))
 
 
 class LinearOperator:

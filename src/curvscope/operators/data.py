@@ -16,6 +16,20 @@ from typing import Any
 import torch
 
 from .._checks import describe, type_error, value_error
+from ..derivatives.tree import map_tensors, tensor_leaves
+
+__all__ = [
+    "Batch",
+    "check_data",
+    "describe_batch",
+    "fingerprint",
+    "iterate_batches",
+    "model_arguments",
+    "same_fingerprint",
+    "slice_examples",
+    "tensor_leaves",
+    "to_device",
+]
 
 _PAIR_FIX = (
     "Each batch must be a pair (inputs, targets), e.g. from a DataLoader over a TensorDataset."
@@ -60,35 +74,20 @@ def check_data(data: Any, func: str) -> None:
         )
 
 
-def tensor_leaves(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested structure of tuples, lists and dicts, in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for value in obj.values() for t in tensor_leaves(value)]
-    if isinstance(obj, (tuple, list)):
-        return [t for value in obj for t in tensor_leaves(value)]
-    return []
-
-
-def _map_tensors(obj: Any, fn: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return {key: _map_tensors(value, fn) for key, value in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(value, fn) for value in obj)
-    return obj
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    moved = tensor.to(device)
+    return moved.clone() if moved.is_inference() else moved  # usable by autograd
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in ``obj`` to ``device`` (dtypes are left alone)."""
-    return _map_tensors(obj, lambda t: t.to(device))
+    """Move every tensor in ``obj`` to ``device`` (dtypes are left alone); tensors made under
+    ``torch.inference_mode`` are copied into ordinary ones, which autograd can use."""
+    return map_tensors(obj, lambda t: _to_device(t, device))
 
 
 def slice_examples(obj: Any, start: int, stop: int) -> Any:
     """Examples ``start:stop`` (dimension 0) of every tensor in ``obj``."""
-    return _map_tensors(obj, lambda t: t[start:stop] if t.ndim > 0 else t)
+    return map_tensors(obj, lambda t: t[start:stop] if t.ndim > 0 else t)
 
 
 def model_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -182,3 +181,29 @@ def same_fingerprint(first: tuple[float, ...], second: tuple[float, ...], rtol: 
 def describe_batch(batch: Batch) -> str:
     """A short description of a batch for error messages."""
     return f"batch {batch.index} ({batch.size} examples, inputs {describe(batch.inputs)})"
+
+
+def shapes_of(obj: Any) -> str:
+    """The shapes (and dtypes) of the tensors in ``obj``, e.g. ``(11, 4) float64``."""
+    parts = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in tensor_leaves(obj)]
+    return parts[0] if len(parts) == 1 else "[" + ", ".join(parts) + "]"
+
+
+def known_size(data: Any) -> int | None:
+    """The number of examples in ``data`` when it can be told without iterating a loader:
+    a single batch, or a list/tuple of batches held in memory; else None."""
+    if is_single_batch(data):
+        return _leading_size(data)
+    if isinstance(data, (list, tuple)):
+        sizes = [_leading_size(batch) for batch in data]
+        return None if None in sizes else sum(sizes)
+    if hasattr(data, "__len__") and len(data) == 0:
+        return 0
+    return None
+
+
+def _leading_size(batch: Any) -> int | None:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        return None
+    sizes = {t.shape[0] for t in tensor_leaves(batch) if t.ndim > 0}
+    return sizes.pop() if len(sizes) == 1 else None

@@ -13,7 +13,7 @@ from .._random import make_generator
 from .data import Batch
 from .distributed import rank_and_world_size
 from .ggn import _OutputSpaceOperator
-from .losses import per_example_output_gradients, per_example_scale, sampled_output_gradients
+from .losses import output_gradients, sampled_output_gradients
 
 _KINDS = ("empirical", "monte_carlo")
 
@@ -30,16 +30,19 @@ def _outer_products(gradients: torch.Tensor, block: torch.Tensor) -> torch.Tenso
 class FisherOperator(_OutputSpaceOperator):
     """The Fisher information ``F`` of the model over the data, as a (P, P) operator.
 
-    With ``g_n = ∇_θ ℓ_n``, the gradient of the per-example loss (``loss_fn`` on a batch of one)
-    and ``c = 1/N`` for reduction "mean" (1 for "sum"):
+    The convention: ``g_n = ∇_θ s_n`` is the gradient of example n's *summed* loss terms ``s_n``
+    (all its positions or elements, with their class weights), and ``c = 1/Z`` for reduction
+    "mean", Z the number of terms the loss averages over in the whole data (N·T for
+    cross-entropy on (N, C, T) outputs, N·D for MSE on (N, D) outputs, the total class weight
+    with weights), or 1 for "sum". Then, at labels drawn from the model, ``E[F] = GGN``, and
+    the two kinds agree in scale with each other and with ``GGNOperator``:
 
     - ``kind="empirical"``: ``F = c Σ_n g_n g_nᵀ`` at the data's own targets (Kunstner et al.,
       2019, "Limitations of the empirical Fisher approximation for natural gradient descent").
-    - ``kind="monte_carlo"``: ``F = c Σ_n s_n (1/S) Σ_s ĝ_ns ĝ_nsᵀ`` where ``ĝ_ns`` is the
-      gradient of the negative log-likelihood at a label drawn from the model's predictive
-      distribution (categorical for cross-entropy; Gaussian with variance 1/2 for MSE),
-      ``S = num_samples``, and ``s_n`` the factor by which ``ℓ_n`` scales the log-likelihood
-      (1/positions or 1/elements for "mean"). Its expectation is the GGN (Martens, 2020).
+    - ``kind="monte_carlo"``: ``F = c Σ_n (1/S) Σ_s ĝ_ns ĝ_nsᵀ`` where ``ĝ_ns`` is the gradient
+      of example n's summed negative log-likelihood at labels drawn from the model's predictive
+      distribution (categorical per position for cross-entropy; Gaussian with variance 1/2 for
+      MSE), ``S = num_samples``. Its expectation is the GGN (Martens, 2020).
 
     Both are computed as ``Jᵀ M J`` with ``M`` built from output gradients: no per-example
     parameter gradients are stored. The samples are the same in every product: the generator is
@@ -56,7 +59,9 @@ class FisherOperator(_OutputSpaceOperator):
         max_batch_size: split batches into micro-batches of at most this many examples.
         progress: show a progress bar over batches.
         reduction: "mean" or "sum" for plain-callable losses (read from nn loss modules).
-        eval_mode: evaluate the model in eval mode (default); False keeps its current mode.
+        eval_mode: True evaluates the model in eval mode; False keeps its current mode; None
+            (default) is eval mode with a TrainModeWarning when the model is in training mode
+            with dropout or batch norm.
         check_deterministic: on first use, check that two passes give the same batches.
 
     Example:
@@ -83,7 +88,7 @@ class FisherOperator(_OutputSpaceOperator):
         max_batch_size: int | None = None,
         progress: bool = False,
         reduction: str | None = None,
-        eval_mode: bool = True,
+        eval_mode: bool | None = None,
         check_deterministic: bool = True,
     ) -> None:
         super().__init__(
@@ -116,8 +121,6 @@ class FisherOperator(_OutputSpaceOperator):
         self._kind, self._num_samples, self._seed = kind, num_samples, seed
         self._options.update(kind=kind, num_samples=num_samples, seed=seed)
         self._generator: torch.Generator | None = None
-        if kind == "monte_carlo":  # labels are drawn once per batch and pass: one call per block
-            self._batched = True
 
     @property
     def kind(self) -> str:
@@ -130,17 +133,11 @@ class FisherOperator(_OutputSpaceOperator):
     def _output_matmat(
         self, output: torch.Tensor, batch: Batch, block: torch.Tensor
     ) -> torch.Tensor:
-        mean = self._loss_spec.reduction == "mean"
+        spec = self._loss_spec
         if self._kind == "empirical":
-            gradients = per_example_output_gradients(
-                self._loss_spec, self._loss_fn, output, batch.targets
-            )
-            scale = 1.0 / batch.size if mean else 1.0
-            return scale * _outer_products(gradients.unsqueeze(0), block)
+            gradients = output_gradients(spec, output, batch.targets, batch.size)
+            return _outer_products(gradients.unsqueeze(0), block)
         gradients = sampled_output_gradients(
-            self._loss_spec, output, self._generator, self._num_samples
+            spec, output, batch.targets, self._generator, self._num_samples
         )
-        scale = per_example_scale(self._loss_spec, output) / self._num_samples
-        if mean:
-            scale /= batch.size
-        return scale * _outer_products(gradients, block)
+        return _outer_products(gradients, block) / self._num_samples

@@ -1,106 +1,56 @@
-"""The one base class of every curvature operator of a model over a dataset.
+"""The base class of every curvature operator of a model over a dataset.
 
-It owns everything but the per-batch product: parameter selection, batch iteration and
-micro-batching, weighting by true batch sizes, the determinism check on first use, the NaN/Inf
-check, the progress bar, the side-effect guard and the distributed reduction. A concrete operator
-implements ``_batch_matmat(state, batch, V)``: the curvature of ``loss_fn`` on one batch (reduced
-as ``loss_fn`` reduces it) times a (P, k) block. The operator is then
+The contract of a new operator (subclass ``_ModelOperator``):
 
-    A = Σ_b (n_b / N) A_b  (reduction "mean"),   A = Σ_b A_b  (reduction "sum").
+- implement ``_batch_matmat(batch, block, batched) -> list[Tensor]``: the curvature of the
+  *summed* loss of one batch, ``S_b`` (``self._batch_loss``), times ``block``, a list with one
+  ``(k, *param.shape)`` stack per selected parameter; return the same form. Use the helpers:
+  ``self._leaves()`` (the tensors to differentiate: the model's own parameters where they
+  require grad), ``self._forward(batch, tensors)`` (the model's output, a plain call when
+  ``tensors`` are the leaves, a functional call otherwise) and the kernel in
+  ``curvscope.derivatives.kernel``. ``batched`` says whether to vmap over the k columns or loop
+  (decided here once, by timing, for blocks of k > 1; always False for one column).
+- optionally ``_start_pass()`` (called before each product pass, e.g. to re-seed sampling) and
+  ``_check_output(output, batch)`` (validate the first batch's output).
+
+Everything else lives here or in ``_pass``: parameter selection, the data pass with its
+set-up, normalisation ``A = (1/Z) Σ_b A_b`` (mean) or ``Σ_b A_b`` (sum), micro-batching, the
+determinism and NaN checks, the guards (eval mode, global RNG, attention kernels,
+``torch.inference_mode``), the block policy, error messages naming the batch, and the
+all-reduce.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import functional_call
 
 from .._checks import check_int, describe, type_error, value_error
+from ..derivatives import kernel
+from ._inputs import (
+    check_bool,
+    first_layer,
+    peek_targets,
+    select_params,
+    warn_train_mode,
+)
+from ._pass import (
+    DataPass,
+    PassOptions,
+    differentiable_attention,
+    empty_data_error,
+    zero_normaliser_error,
+)
 from .base import LinearOperator
-from .data import (
-    Batch,
-    check_data,
-    describe_batch,
-    fingerprint,
-    iterate_batches,
-    model_arguments,
-    same_fingerprint,
-)
-from .distributed import all_reduce_sum, is_main_process, rank_and_world_size
-from .losses import resolve_loss
-
-_DETERMINISM_FIX = (
-    "Products re-iterate the data and must see the same batches and outputs every pass. Use "
-    "DataLoader(shuffle=False), no random augmentation, and eval_mode=True (no dropout); or pass "
-    "check_deterministic=False if you know the differences are harmless."
-)
-
-
-@dataclass(frozen=True)
-class _PassState:
-    """What one pass over the data uses: flat selected parameters, detached other parameters,
-    and copies of the buffers."""
-
-    theta: torch.Tensor
-    constants: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-
-
-def _select_params(model: nn.Module, params: Any, func: str) -> list[str]:
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [name for name, p in named.items() if p.requires_grad]
-        if not names:
-            raise value_error(
-                func,
-                "model",
-                "a model with at least one parameter with requires_grad=True",
-                model,
-                f"All its parameters are frozen; pass params=[...] from {list(named)}, "
-                "or unfreeze some with p.requires_grad_(True).",
-            )
-        return names
-    if isinstance(params, str) or not isinstance(params, Sequence):
-        raise type_error(
-            func, "params", "None or a list of parameter names", params, f"Valid: {list(named)}."
-        )
-    unknown = [name for name in params if name not in named]
-    if unknown or not params or len(set(params)) != len(params):
-        raise value_error(
-            func,
-            "params",
-            f"a non-empty list of distinct names from {list(named)}",
-            params,
-            f"Unknown: {unknown}. Names come from model.named_parameters().",
-        )
-    return [name for name in named if name in set(params)]
-
-
-@contextlib.contextmanager
-def _differentiable_attention() -> Iterator[None]:
-    """Attention through composite kernels: the fused ones (flash, the transformer fast path)
-    have neither forward-mode derivatives nor double backward."""
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def _check_bool(func: str, arg: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise type_error(func, arg, "True or False", value)
-    return value
+from .data import Batch, check_data, describe_batch, known_size, model_arguments, shapes_of
+from .distributed import rank_and_world_size
+from .losses import detect_reduction, resolve_loss, suggest_loss, undetected_reduction
 
 
 def first_is_faster(
@@ -120,6 +70,9 @@ def first_is_faster(
 class _ModelOperator(LinearOperator):
     """Base of HessianOperator, GGNOperator and FisherOperator (see the module docstring)."""
 
+    #: Blocks of columns: vmapped (True) or looped (False); timed once on the first block.
+    _batched: bool | None = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -130,20 +83,22 @@ class _ModelOperator(LinearOperator):
         reduction: str | None = None,
         max_batch_size: int | None = None,
         progress: bool = False,
-        eval_mode: bool = True,
+        eval_mode: bool | None = None,
         check_deterministic: bool = True,
     ) -> None:
         func = self._func = type(self).__name__
         if not isinstance(model, nn.Module):
             raise type_error(func, "model", "a torch.nn.Module", model)
-        self._loss_spec = resolve_loss(loss_fn, reduction, func)
+        self._loss_spec = resolve_loss(loss_fn, reduction, func, peek_targets(data))
         check_data(data, func)
+        if known_size(data) == 0 and rank_and_world_size()[1] == 1:
+            raise empty_data_error(func, data)
         check_int(func, "max_batch_size", max_batch_size, minimum=1, allow_none=True)
-        for arg, value in [("progress", progress), ("eval_mode", eval_mode)]:
-            _check_bool(func, arg, value)
-        _check_bool(func, "check_deterministic", check_deterministic)
+        check_bool(func, "progress", progress)
+        check_bool(func, "eval_mode", eval_mode, allow_none=True)
+        check_bool(func, "check_deterministic", check_deterministic)
         self._model, self._loss_fn, self._data = model, loss_fn, data
-        self._names = _select_params(model, params, func)
+        self._names = select_params(model, params, func)
         named = dict(model.named_parameters())
         self._param_shapes = {name: named[name].shape for name in self._names}
         first = named[self._names[0]]
@@ -152,25 +107,31 @@ class _ModelOperator(LinearOperator):
                 func, "model", "parameters that share one dtype and device", model, "Call .to()."
             )
         self._dtype, self._device, self._num_matvecs = first.dtype, first.device, 0
-        self._max_batch_size, self._progress = max_batch_size, progress
-        self._eval_mode, self._check_deterministic = eval_mode, check_deterministic
-        self._num_examples: int | None = None
-        self._num_batches = 0
+        if eval_mode is None:
+            warn_train_mode(model, func)
+        self._eval_mode = eval_mode is not False
+        self._copy_buffers = not self._eval_mode and any(True for _ in model.buffers())
+        self._pass = DataPass(
+            data, PassOptions(func, self._device, max_batch_size, progress, check_deterministic)
+        )
         self._options: dict[str, Any] = {
             "reduction": reduction,
             "max_batch_size": max_batch_size,
             "progress": progress,
-            "eval_mode": eval_mode,
+            "eval_mode": self._eval_mode,
             "check_deterministic": check_deterministic,
         }
 
-    # -- the one thing a subclass implements -------------------------------------------------
-    def _batch_matmat(self, state: _PassState, batch: Batch, matrix: torch.Tensor) -> torch.Tensor:
-        """Curvature of ``loss_fn`` on ``batch`` times ``matrix`` (P, k)."""
+    # -- the contract (see the module docstring) ----------------------------------------------
+    def _batch_matmat(
+        self, batch: Batch, block: list[torch.Tensor], batched: bool
+    ) -> list[torch.Tensor]:
+        """Curvature of the summed loss of ``batch`` times ``block`` (one (k, *shape) stack
+        per parameter)."""
         raise NotImplementedError
 
     def _start_pass(self) -> None:
-        """Hook called before every pass over the data (e.g. to re-seed sampling)."""
+        """Hook called before every product pass over the data (e.g. to re-seed sampling)."""
 
     def _check_output(self, output: Any, batch: Batch) -> None:
         """Hook: validate the model output on the first batch."""
@@ -184,7 +145,7 @@ class _ModelOperator(LinearOperator):
     def num_examples(self) -> int:
         """N, the number of examples in the data (over all processes)."""
         self._setup()
-        return int(self._num_examples)
+        return int(self._pass.num_examples)
 
     @property
     def reduction(self) -> str:
@@ -193,23 +154,30 @@ class _ModelOperator(LinearOperator):
 
     def loss(self, delta: torch.Tensor | Mapping[str, torch.Tensor] | None = None) -> float:
         """The full-data loss at ``θ + delta`` (``delta`` flat (P,) or a dict); model untouched."""
-        shift = self._delta(delta)
+        shift = None if delta is None else self._delta(delta)
 
-        def batch_loss(state: _PassState, batch: Batch) -> torch.Tensor:
+        def batch_loss(batch: Batch) -> torch.Tensor:
             with torch.no_grad():
-                return self._loss_of(state, batch)(state.theta + shift).detach()
+                tensors = self._leaves()
+                if shift is not None:
+                    pieces = kernel.stack_block(shift[:, None], self._shapes())
+                    tensors = [t.detach() + d[0] for t, d in zip(tensors, pieces, strict=True)]
+                return self._batch_loss(batch, self._forward(batch, tensors)).detach()
 
-        total = self._accumulate(batch_loss, torch.zeros((), dtype=self.dtype, device=self.device))
-        return float(total)
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        return float(self._run(batch_loss, total))
 
     def gradient(self) -> tuple[float, torch.Tensor]:
         """The full-data loss and its gradient, flat (P,), with respect to the selected params."""
 
-        def batch_grad(state: _PassState, batch: Batch) -> torch.Tensor:
-            gradient, value = grad_and_value(self._loss_of(state, batch))(state.theta)
-            return torch.cat([value.detach().reshape(1), gradient.detach()])
+        def batch_grad(batch: Batch) -> torch.Tensor:
+            leaves = self._leaves()
+            value = self._batch_loss(batch, self._forward(batch, leaves))
+            grads = kernel.gradient(value, leaves)
+            return torch.cat([value.detach().reshape(1), *(g.reshape(-1) for g in grads)])
 
-        total = self._accumulate(batch_grad, torch.zeros(self.shape[0] + 1, dtype=self.dtype))
+        total = torch.zeros(self.shape[0] + 1, dtype=self.dtype, device=self.device)
+        total = self._run(batch_grad, total)
         return float(total[0]), total[1:]
 
     def block(self, names: Sequence[str]) -> _ModelOperator:
@@ -218,218 +186,188 @@ class _ModelOperator(LinearOperator):
 
     # -- the product ---------------------------------------------------------------------------
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(
-            lambda state, batch: self._batch_matmat(state, batch, matrix), torch.zeros_like(matrix)
-        )
+        self._setup()
+        with self._guard():
+            matrix = matrix.clone() if matrix.is_inference() else matrix
+            block = kernel.stack_block(matrix, self._shapes())
+            batched = matrix.shape[1] > 1 and self._block_policy(block)
+            self._start_pass()
+
+            def batch_fn(batch: Batch) -> torch.Tensor:
+                return kernel.unstack_block(self._batch_matmat(batch, block, batched))
+
+            return self._accumulate(batch_fn, torch.zeros_like(matrix))
+
+    def _block_policy(self, block: list[torch.Tensor]) -> bool:
+        """Vmap blocks of columns or loop over them: timed once on the first batch, on up to
+        four columns; the loop where the vmapped product fails."""
+        if self._batched is None:
+            batch = next(iter(self._pass.batches()), None)
+            if batch is None:  # this process holds no data
+                return False
+            part = [b[:4] for b in block]
+            try:
+                self._batched = first_is_faster(
+                    lambda: self._batch_matmat(batch, part, True),
+                    lambda: self._batch_matmat(batch, part, False),
+                    self.device,
+                )
+            except (RuntimeError, NotImplementedError):
+                self._batched = False
+        return self._batched
+
+    def _run(self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+        self._setup()
+        with self._guard():
+            return self._accumulate(batch_fn, total)
 
     def _accumulate(
-        self, batch_fn: Callable[[_PassState, Batch], torch.Tensor], total: torch.Tensor
+        self, batch_fn: Callable[[Batch], torch.Tensor], total: torch.Tensor
     ) -> torch.Tensor:
-        """``Σ_b w_b batch_fn(b)`` over the local data, then one all-reduce over processes."""
-        self._setup()
-        total = total.to(self.device)
-        flags = []
-        with self._guard(), self._progress_bar() as advance:
-            state = self._pass_state()
-            self._start_pass()
-            for batch in self._batches():
-                result = batch_fn(state, batch)
-                flags.append((batch, torch.isfinite(result).all()))
-                total = total + self._weight(batch) * result
-                advance()
-        total = all_reduce_sum(total)
-        if not bool(torch.isfinite(total).all()):
-            bad = next((b for b, ok in flags if not bool(ok)), None)
-            where = describe_batch(bad) if bad is not None else "a batch on another process"
-            raise ValueError(
-                f"curvscope.{self._func}: NaN or Inf in the result of {where}"
-                f"{self._rank_text()}. Check that batch's inputs and targets, the model's "
-                "parameters, and the loss (e.g. log of 0) at this point."
-            )
-        return total
+        try:
+            return self._pass.accumulate(batch_fn, total, self._scale)
+        except kernel.NotTwiceDifferentiableError as err:
+            raise self._not_twice_differentiable(err) from err
+        except RuntimeError as err:
+            if "derivative for" in str(err) and "not implemented" in str(err):
+                raise self._not_twice_differentiable(err) from err
+            raise
 
-    def _weight(self, batch: Batch) -> float:
-        if self._loss_spec.reduction == "sum":
-            return 1.0
-        return batch.size / self._num_examples
+    def _not_twice_differentiable(self, err: BaseException) -> ValueError:
+        return ValueError(
+            f"curvscope.{self._func}(loss_fn=...): torch cannot take the second derivative "
+            f"needed here, of loss_fn {self._loss_spec.name} or of an operation in the model "
+            f"({str(err).splitlines()[0]}). Use a twice-differentiable loss (or model), or "
+            "FisherOperator(kind='empirical'), which needs first derivatives only."
+        )
 
     # -- set-up on first use ---------------------------------------------------------------------
     def _setup(self) -> None:
-        """Count N (one all-reduce), validate the first batch, and check determinism."""
-        if self._num_examples is not None:
+        """Count N and the normaliser (one all-reduce), validate the first batch, check the data
+        is finite and deterministic."""
+        if self._pass.ready:
             return
-        first: list[tuple] = []
-        error: Exception | None = None
-        try:
-            with self._guard():
-                state = self._pass_state()
-                first = self._scan(state, validate=True)
-                if self._check_deterministic:
-                    self._compare(first, self._scan(state, validate=False))
-        except (TypeError, ValueError) as err:  # other processes must not wait for this one
-            error = err
-        local = sum(size for _, size, _, _ in first)
-        flags = [float(local), float(error is not None)]
-        count, failed = all_reduce_sum(torch.tensor(flags, dtype=torch.float64, device=self.device))
-        if error is not None:
-            raise error
-        if failed > 0:
-            raise ValueError(
-                f"curvscope.{self._func}(data=...): set-up failed on another process (this is"
-                f"{self._rank_text() or ' the only one'}); see the error raised there."
-            )
-        if int(count.item()) == 0:
-            raise value_error(
-                self._func, "data", "at least one example", self._data, "The data is empty."
-            )
-        self._num_examples, self._num_batches = int(count.item()), len(first)
+        with self._guard():
 
-    def _scan(self, state: _PassState, *, validate: bool) -> list[tuple]:
-        records = []
-        for batch in self._batches():
-            with torch.no_grad():
-                if validate and not records:
-                    output = self._first_output(state, batch)
-                else:
-                    output = self._output_of(state, batch)(state.theta)
-            records.append(
-                (
-                    batch.index,
-                    batch.size,
-                    fingerprint((batch.inputs, batch.targets)),
-                    fingerprint(output),
+            def output_of(batch: Batch) -> Any:
+                return self._forward(batch, self._leaves())
+
+            def normaliser_of(batch: Batch) -> float:
+                return self._loss_spec.normaliser(batch.targets, batch.size)
+
+            self._pass.setup(output_of, self._validate, normaliser_of)
+        if self._loss_spec.probed:
+            raise undetected_reduction(self._loss_spec, self._func)
+        if self.reduction == "mean" and self._pass.normaliser <= 0:
+            raise zero_normaliser_error(self._func, self._loss_spec.name)
+
+    @property
+    def _scale(self) -> float:
+        return 1.0 / self._pass.normaliser if self.reduction == "mean" else 1.0
+
+    def _validate(self, batch: Batch, output: Any, first: bool) -> None:
+        if first:
+            loss = self._call_loss(lambda: self._loss_fn(output, batch.targets), batch, output)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                error = value_error if isinstance(loss, torch.Tensor) else type_error
+                raise error(
+                    self._func,
+                    "loss_fn",
+                    "a loss that returns a scalar tensor",
+                    loss,
+                    "Reduce it with reduction='mean' or 'sum' (not 'none').",
                 )
+            self._check_output(output, batch)
+        if self._loss_spec.probed:
+            spec = detect_reduction(
+                self._loss_spec, self._loss_fn, output, batch.targets, batch.size, self._func
             )
-        return records
+            if spec is not None:
+                self._loss_spec = spec
+                self._options["reduction"] = spec.reduction
 
-    def _first_output(self, state: _PassState, batch: Batch) -> Any:
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def _shapes(self) -> list[torch.Size]:
+        return list(self._param_shapes.values())
+
+    def _leaves(self) -> list[torch.Tensor]:
+        """The tensors to differentiate: the model's own parameters (which autograd tracks
+        without writing ``.grad``), or detached copies of those that do not require grad."""
+        named = dict(self._model.named_parameters())
+        params = [named[name] for name in self._names]
+        return [p if p.requires_grad else p.detach().requires_grad_(True) for p in params]
+
+    def _forward(self, batch: Batch, tensors: Sequence[torch.Tensor]) -> Any:
+        """The model's output on ``batch`` with ``tensors`` for the selected parameters: a plain
+        call when they are the model's own, else a functional call; the model is untouched."""
+        args, kwargs = model_arguments(batch.inputs)
+        named = dict(self._model.named_parameters())
+        own = all(t is named[n] for t, n in zip(tensors, self._names, strict=True))
         try:
-            output = self._output_of(state, batch)(state.theta)
+            if own and not self._copy_buffers:
+                return self._model(*args, **kwargs)
+            replaced = dict(zip(self._names, tensors, strict=True))
+            if self._copy_buffers:  # train-mode BatchNorm updates buffers: fresh copies here
+                replaced.update({n: b.clone() for n, b in self._model.named_buffers()})
+            return functional_call(self._model, replaced, args, kwargs)
         except Exception as err:
-            raise ValueError(
-                f"curvscope.{self._func}(data=...): model(inputs) failed on "
-                f"{describe_batch(batch)}: {err}. Check that the inputs fit the model (a Tensor is "
-                "passed as model(x), a tuple as model(*x), a dict as model(**x))."
-            ) from err
+            if kernel.lacks_forward_ad(err):
+                raise
+            raise self._model_error(batch, err) from err
+
+    def _model_error(self, batch: Batch, err: Exception) -> ValueError:
+        return ValueError(
+            f"curvscope.{self._func}(data=...): model(inputs) failed on "
+            f"{describe_batch(batch)}; inputs {shapes_of(batch.inputs)}, targets "
+            f"{shapes_of(batch.targets)}.{first_layer(self._model)} The model said: "
+            f"{type(err).__name__}: {err}. Check that the inputs fit the model (a Tensor is "
+            "passed as model(x), a tuple as model(*x), a dict as model(**x))."
+        )
+
+    def _batch_loss(self, batch: Batch, output: Any) -> torch.Tensor:
+        """``S_b``: the summed loss of ``batch`` (see ``losses``)."""
+        summed = self._loss_spec.summed
+        return self._call_loss(lambda: summed(output, batch.targets, batch.size), batch, output)
+
+    def _call_loss(self, call: Callable[[], Any], batch: Batch, output: Any) -> Any:
         try:
-            loss = self._loss_fn(output, batch.targets)
+            return call()
         except Exception as err:
+            if kernel.lacks_forward_ad(err) or "not implemented" in str(err):
+                raise
             raise ValueError(
                 f"curvscope.{self._func}(loss_fn=...): loss_fn(output, targets) failed on "
                 f"{describe_batch(batch)} with output {describe(output)} and targets "
                 f"{describe(batch.targets)}: {err}. Check that data yields targets that fit "
                 "loss_fn (class indices of dtype long for cross-entropy, the output's shape "
-                "for MSE)."
+                f"for MSE); for these targets, {suggest_loss(batch.targets)} fits."
             ) from err
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            error = value_error if isinstance(loss, torch.Tensor) else type_error
-            raise error(
-                self._func,
-                "loss_fn",
-                "a loss that returns a scalar tensor",
-                loss,
-                "Reduce it with reduction='mean' or 'sum' (not 'none').",
-            )
-        self._check_output(output, batch)
-        return output
-
-    def _compare(self, first: list[tuple], second: list[tuple]) -> None:
-        fix = _DETERMINISM_FIX
-        if len(first) != len(second):
-            raise ValueError(
-                f"curvscope.{self._func}(data=...): the data gave {len(first)} batches on one "
-                f"pass and {len(second)} on the next. {fix}"
-            )
-        for (index, size, data_a, out_a), (_, size_b, data_b, out_b) in zip(
-            first, second, strict=True
-        ):
-            if size != size_b or not same_fingerprint(data_a, data_b, 1e-9):
-                raise ValueError(
-                    f"curvscope.{self._func}(data=...): batch {index} changed between two passes "
-                    f"over the data (shuffling or random augmentation?). {fix}"
-                )
-            if not same_fingerprint(out_a, out_b, 1e-6):
-                raise ValueError(
-                    f"curvscope.{self._func}(model=...): the model's output on batch {index} "
-                    "changed between two passes over the same inputs (randomness in the model, "
-                    f"such as dropout in train mode?). {fix}"
-                )
-
-    # -- helpers for subclasses ------------------------------------------------------------------
-    def _pass_state(self) -> _PassState:
-        named = dict(self._model.named_parameters())
-        theta = torch.cat([named[name].detach().reshape(-1) for name in self._names])
-        constants = {n: p.detach() for n, p in named.items() if n not in self._param_shapes}
-        buffers = {n: b.detach().clone() for n, b in self._model.named_buffers()}
-        return _PassState(theta, constants, buffers)
-
-    def _unflatten_params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        sizes = [math.prod(shape) for shape in self._param_shapes.values()]
-        pieces = theta.split(sizes)
-        return {
-            name: piece.view(shape)
-            for (name, shape), piece in zip(self._param_shapes.items(), pieces, strict=True)
-        }
-
-    def _output_of(self, state: _PassState, batch: Batch) -> Callable[[torch.Tensor], Any]:
-        """θ (flat) -> model output on ``batch``, via functional_call (the model is untouched)."""
-        args, kwargs = model_arguments(batch.inputs)
-
-        def output(theta: torch.Tensor) -> Any:
-            params = self._unflatten_params(theta)
-            buffers = state.buffers
-            if not self._eval_mode:  # train-mode BatchNorm updates buffers: fresh copies here
-                buffers = {name: buffer.clone() for name, buffer in buffers.items()}
-            return functional_call(self._model, (params, state.constants, buffers), args, kwargs)
-
-        return output
-
-    def _loss_of(self, state: _PassState, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
-        """θ (flat) -> loss on ``batch``."""
-        output = self._output_of(state, batch)
-        return lambda theta: self._loss_fn(output(theta), batch.targets)
-
-    def _batches(self) -> Iterator[Batch]:
-        return iterate_batches(
-            self._data, device=self.device, max_batch_size=self._max_batch_size, func=self._func
-        )
 
     def _delta(self, delta: Any) -> torch.Tensor:
         func = f"{self._func}.loss"
-        if delta is None:
-            return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         if isinstance(delta, Mapping):
             return self.flatten_dict(delta, func=func, arg="delta")
         return self._check_tensor(delta, func, "delta", ndim=1)
 
-    def _rank_text(self) -> str:
-        rank, world = rank_and_world_size()
-        return f" on rank {rank} of {world}" if world > 1 else ""
-
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Eval mode (unless eval_mode=False), the global RNG state and attention kernels that
-        support second derivatives; everything restored afterwards."""
+        """Eval mode (unless eval_mode=False), gradients on (also under no_grad or
+        inference_mode), the global RNG state and attention kernels that support second
+        derivatives; everything restored afterwards."""
         flags = [(module, module.training) for module in self._model.modules()]
         devices = []
         if self.device.type == "cuda":
             devices = [self.device.index if self.device.index is not None else 0]
         try:
-            with torch.random.fork_rng(devices=devices), _differentiable_attention():
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.random.fork_rng(devices=devices),
+                differentiable_attention(),
+            ):
                 if self._eval_mode:
                     self._model.eval()
                 yield
         finally:
             for module, flag in flags:
                 module.training = flag
-
-    @contextlib.contextmanager
-    def _progress_bar(self) -> Iterator[Callable[[], None]]:
-        if not self._progress or not is_main_process():
-            yield lambda: None
-            return
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task(f"{self._func} product", total=self._num_batches)
-            yield lambda: bar.advance(task)

@@ -60,7 +60,7 @@ def loss_landscape(
     """
     lam = float(eigenvalues[0])
     radius = landscape_radius(loss, lam)
-    ts = torch.linspace(-radius, radius, num_points, dtype=torch.float64).tolist()
+    ts = _symmetric_points(radius, num_points)
     top_direction = eigenvectors[:, 0]
     random_direction = gaussian(
         (op.shape[0],), make_generator(seed + 1), dtype=op.dtype, device=op.device
@@ -128,7 +128,7 @@ def _grid(
     gradient: torch.Tensor,
     advance: Callable[[], None],
 ) -> LandscapeGrid:
-    axis = torch.linspace(-radius, radius, size, dtype=torch.float64).tolist()
+    axis = _symmetric_points(radius, size)
     v1, v2 = eigenvectors[:, 0], eigenvectors[:, 1]
     lam1, lam2 = float(eigenvalues[0]), float(eigenvalues[1])
     g1, g2 = float(gradient @ v1), float(gradient @ v2)
@@ -142,3 +142,11 @@ def _grid(
         losses.append(tuple(row))
         quadratic.append(tuple(model_row))
     return LandscapeGrid(tuple(axis), tuple(axis), tuple(losses), tuple(quadratic), (lam1, lam2))
+
+
+def _symmetric_points(radius: float, count: int) -> list[float]:
+    """``count`` evenly spaced points in [-radius, radius], the middle one exactly 0 when odd."""
+    points = torch.linspace(-radius, radius, count, dtype=torch.float64)
+    if count % 2:
+        points[count // 2] = 0.0
+    return points.tolist()
