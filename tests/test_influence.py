@@ -144,9 +144,9 @@ def test_default_damping_is_a_tenth_of_the_mean_eigenvalue():
     assert exact.damping == pytest.approx(0.1 * float(matrix.trace()) / matrix.shape[0], rel=1e-10)
     cg = curvscope.InfluenceFunction(model, nn.CrossEntropyLoss(), train, solver="cg", seed=4)
     again = curvscope.InfluenceFunction(model, nn.CrossEntropyLoss(), train, solver="cg", seed=4)
-    assert cg.damping == again.damping  # a seeded Hutch++ estimate
+    assert cg.damping == pytest.approx(again.damping, rel=1e-12)  # seeded Hutch++ (to rounding)
     assert cg.damping == pytest.approx(exact.damping, rel=0.3)
-    torch.testing.assert_close(cg.scores(test), again.scores(test), rtol=0, atol=0)
+    torch.testing.assert_close(cg.scores(test), again.scores(test), rtol=1e-10, atol=1e-14)
 
 
 def test_streaming_and_batching_do_not_change_the_scores():
