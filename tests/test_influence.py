@@ -348,3 +348,14 @@ def test_an_operator_with_an_exact_inverse_is_used_without_products():
     torch.testing.assert_close(influence.scores(test), scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(influence.self_influence(), self_scores, rtol=1e-9, atol=1e-12)
     assert influence.num_matvecs == 0 and operator.num_matvecs == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["curvscope.influence.function", "curvscope.report.influence_example"]
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_float, check_int, type_error, value_error
+from .._checks import check_choice, check_int, type_error, value_error
 from ..estimators import trace
 from ..estimators._results import Result
 from ..operators import FisherOperator, GGNOperator, HessianOperator
@@ -127,22 +127,9 @@ class InfluenceFunction:
         check_data(train_data, FUNC)
         self._curvature = _setup.check_curvature(curvature)
         self._solver_choice = check_choice(FUNC, "solver", solver, _setup.SOLVER_NAMES)
-        if damping is not None:
-            damping = check_float(FUNC, "damping", damping, minimum=0.0)
-            if not math.isfinite(damping):
-                raise value_error(FUNC, "damping", "a finite number >= 0", damping)
-        if solver == "lowrank" and damping == 0.0 and curvature != "identity":
-            raise value_error(
-                FUNC, "damping", "a number > 0 with solver='lowrank'", damping, "Pass damping>0."
-            )
-        check_int(FUNC, "max_batch_size", max_batch_size, minimum=1, allow_none=True)
-        check_int(FUNC, "seed", seed, minimum=0)
-        if not isinstance(progress, bool):
-            raise type_error(FUNC, "progress", "True or False", progress)
-        check_int(FUNC, "rank", rank, minimum=1)
-        if tol is not None:
-            check_float(FUNC, "tol", tol, minimum=0.0, maximum=1.0, open_interval=True)
-        check_int(FUNC, "max_matvecs", max_matvecs, minimum=1, allow_none=True)
+        damping = _setup.check_options(
+            curvature, solver, damping, max_batch_size, seed, progress, rank, tol, max_matvecs
+        )
         self._model, self._loss_fn, self._train_data = model, loss_fn, train_data
         self._damping_given, self._seed, self._bars = damping, seed, ProgressBar(progress)
         self._max_batch_size, self._params = max_batch_size, params
