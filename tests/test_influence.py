@@ -360,3 +360,10 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_progress_bars_do_not_change_the_scores():
+    train, test, _ = _data()
+    quiet = _influence(damping=DAMPING, solver="cg").scores(test)
+    shown = _influence(damping=DAMPING, solver="cg", progress=True).scores(test)
+    torch.testing.assert_close(shown, quiet, rtol=0, atol=0)
