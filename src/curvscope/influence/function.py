@@ -60,7 +60,9 @@ class InfluenceFunction:
     loss). For a model trained on the mean loss plus ``λ‖θ‖²/2``, passing that λ as ``damping``
     (with ``curvature="hessian"``) makes the prediction first-order exact. For a sum-reduced
     ``loss_fn`` the curvature is divided by n, so the convention is the same. With class weights
-    the per-example loss of a batch of one drops the weight; use reduction="sum" for those.
+    the per-example loss of a batch of one drops the weight; use reduction="sum" for those. For
+    losses averaged over positions (sequences) ``L = (1/n) Σ_j ℓ_j`` holds when every example
+    counts the same number of positions (no ignored targets).
 
     Gradients are taken in eval mode on copies of the parameters; the model is never changed.
     The inverse side is solved once per test batch, and training gradients are streamed in
