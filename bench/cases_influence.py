@@ -7,8 +7,8 @@ LDS: the MLP is trained (full-batch Adam, 300 steps, a fixed initialisation) on 
 each. For test example i and subset S the prediction is ``−Σ_{j∈S} score(i, j)`` (scores in
 curvscope's convention: positive = j lowers i's loss), the truth is i's loss after training on
 S, and LDS is the Spearman correlation over the subsets, averaged over 100 test examples.
-A peer whose scores correlate negatively with plain gradient similarity is flipped to
-curvscope's sign convention first (stated per row).
+Every peer's scores have curvscope's sign (positive = helpful): checked for dattri's IF, whose
+explicit variant equals n x curvscope's Hessian scores; TRAK and Kronfluence document it.
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ def _methods() -> dict[str, Callable]:
     methods = {
         "curvscope GGN, exact": _curvscope("ggn", "exact"),
         "curvscope GGN, CG": _curvscope("ggn", "cg"),
+        "curvscope Hessian, exact": _curvscope("hessian", "exact"),
         "curvscope identity (gradient similarity)": _curvscope("identity"),
     }
     for name, curvature in (("KFACOperator", "kfac"), ("EKFACOperator", "ekfac")):
@@ -187,7 +188,7 @@ def lds_case(cfg: Config) -> list[Table]:
     table = Table(
         f"LDS on the digits MLP (2,410 parameters, {NUM_TRAIN:,} training digits, "
         f"{NUM_TEST} test digits, {subsets} retrainings on random half-subsets)",
-        ["method", "LDS (mean Spearman)", "time to score (s)", "sign flipped"],
+        ["method", "LDS (mean Spearman)", "time to score (s)"],
     )
     train, test = _split()
     model = _train(*train)
@@ -195,19 +196,17 @@ def lds_case(cfg: Config) -> list[Table]:
     masks = torch.stack([torch.randperm(NUM_TRAIN, generator=generator) < NUM_TRAIN // 2
                          for _ in range(subsets)])  # fmt: skip
     actual = torch.stack([_test_losses(_train(train[0][m], train[1][m]), test) for m in masks])
-    similarity = _curvscope("identity")(model, train, test)
     best = {"curvscope": -1.0, "peer": -1.0}
     for name, method in _methods().items():
         start = time.perf_counter()
         try:
             scores = method(model, train, test)
         except Exception as error:  # a failing peer must not hide the others
-            table.add(name, f"failed: {type(error).__name__}: {str(error)[:80]}", "-", "-")
+            table.add(name, f"failed: {type(error).__name__}: {str(error)[:80]}", "-")
             continue
         seconds = time.perf_counter() - start
-        flip = float((scores * similarity).sum()) < 0
-        value = _lds(-scores if flip else scores, masks, actual)
-        table.add(name, value, seconds, flip)
+        value = _lds(scores, masks, actual)
+        table.add(name, value, seconds)
         side = "curvscope" if name.startswith("curvscope") else "peer"
         best[side] = max(best[side], value)
     missing = [p for p in PEERS if not any(p in row[0].lower() for row in table.rows)]

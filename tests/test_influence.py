@@ -350,3 +350,22 @@ def test_an_operator_with_an_exact_inverse_is_used_without_products():
     torch.testing.assert_close(influence.scores(test), scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(influence.self_influence(), self_scores, rtol=1e-9, atol=1e-12)
     assert influence.num_matvecs == 0 and operator.num_matvecs == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["curvscope.influence.function", "curvscope.report.influence_example"]
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_progress_bars_do_not_change_the_scores():
+    _, test, _ = _data()
+    quiet = _influence(damping=DAMPING, solver="cg").scores(test)
+    shown = _influence(damping=DAMPING, solver="cg", progress=True).scores(test)
+    torch.testing.assert_close(shown, quiet, rtol=1e-10, atol=1e-15)

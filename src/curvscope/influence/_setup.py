@@ -4,13 +4,14 @@ the solver choice, and a small progress bar."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
-from .._checks import check_choice, type_error, value_error
+from .._checks import check_choice, check_float, check_int, type_error, value_error
 
 FUNC = "InfluenceFunction"
 CURVATURES = ("ggn", "hessian", "fisher", "kfac", "ekfac", "diagonal", "identity")
@@ -43,6 +44,29 @@ def check_curvature(curvature: Any) -> str | Any:
         curvature,
         "Pass a name, or an operator such as curvscope.GGNOperator(model, loss_fn, data).",
     )
+
+
+def check_options(
+    curvature, solver, damping, max_batch_size, seed, progress, rank, tol, max_matvecs
+) -> float | None:
+    """Validate the numeric and flag options of InfluenceFunction; returns the damping."""
+    if damping is not None:
+        damping = check_float(FUNC, "damping", damping, minimum=0.0)
+        if not math.isfinite(damping):
+            raise value_error(FUNC, "damping", "a finite number >= 0", damping)
+    if solver == "lowrank" and damping == 0.0 and curvature != "identity":
+        raise value_error(
+            FUNC, "damping", "a number > 0 with solver='lowrank'", damping, "Pass damping>0."
+        )
+    check_int(FUNC, "max_batch_size", max_batch_size, minimum=1, allow_none=True)
+    check_int(FUNC, "seed", seed, minimum=0)
+    if not isinstance(progress, bool):
+        raise type_error(FUNC, "progress", "True or False", progress)
+    check_int(FUNC, "rank", rank, minimum=1)
+    if tol is not None:
+        check_float(FUNC, "tol", tol, minimum=0.0, maximum=1.0, open_interval=True)
+    check_int(FUNC, "max_matvecs", max_matvecs, minimum=1, allow_none=True)
+    return damping
 
 
 def structured_class(name: str) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_float, check_int, type_error, value_error
+from .._checks import check_choice, check_int, type_error, value_error
 from ..estimators import trace
 from ..estimators._results import Result
 from ..operators import FisherOperator, GGNOperator, HessianOperator
@@ -60,7 +60,9 @@ class InfluenceFunction:
     loss). For a model trained on the mean loss plus ``λ‖θ‖²/2``, passing that λ as ``damping``
     (with ``curvature="hessian"``) makes the prediction first-order exact. For a sum-reduced
     ``loss_fn`` the curvature is divided by n, so the convention is the same. With class weights
-    the per-example loss of a batch of one drops the weight; use reduction="sum" for those.
+    the per-example loss of a batch of one drops the weight; use reduction="sum" for those. For
+    losses averaged over positions (sequences) ``L = (1/n) Σ_j ℓ_j`` holds when every example
+    counts the same number of positions (no ignored targets).
 
     Gradients are taken in eval mode on copies of the parameters; the model is never changed.
     The inverse side is solved once per test batch, and training gradients are streamed in
@@ -99,8 +101,8 @@ class InfluenceFunction:
         ...     _ = model.weight.fill_(1.0)
         >>> f = curvscope.InfluenceFunction(model, torch.nn.MSELoss(), data, curvature="hessian",
         ...                                 damping=1.0)
-        >>> f.self_influence()  # g_1 = (2, 0), g_2 = (0, 8), C = diag(1, 4)
-        tensor([1.0000, 6.4000], dtype=torch.float64)
+        >>> [round(v, 6) for v in f.self_influence().tolist()]  # g = (2, 0), (0, 8); C = diag(1, 4)
+        [1.0, 6.4]
     """
 
     def __init__(
@@ -127,22 +129,9 @@ class InfluenceFunction:
         check_data(train_data, FUNC)
         self._curvature = _setup.check_curvature(curvature)
         self._solver_choice = check_choice(FUNC, "solver", solver, _setup.SOLVER_NAMES)
-        if damping is not None:
-            damping = check_float(FUNC, "damping", damping, minimum=0.0)
-            if not math.isfinite(damping):
-                raise value_error(FUNC, "damping", "a finite number >= 0", damping)
-        if solver == "lowrank" and damping == 0.0 and curvature != "identity":
-            raise value_error(
-                FUNC, "damping", "a number > 0 with solver='lowrank'", damping, "Pass damping>0."
-            )
-        check_int(FUNC, "max_batch_size", max_batch_size, minimum=1, allow_none=True)
-        check_int(FUNC, "seed", seed, minimum=0)
-        if not isinstance(progress, bool):
-            raise type_error(FUNC, "progress", "True or False", progress)
-        check_int(FUNC, "rank", rank, minimum=1)
-        if tol is not None:
-            check_float(FUNC, "tol", tol, minimum=0.0, maximum=1.0, open_interval=True)
-        check_int(FUNC, "max_matvecs", max_matvecs, minimum=1, allow_none=True)
+        damping = _setup.check_options(
+            curvature, solver, damping, max_batch_size, seed, progress, rank, tol, max_matvecs
+        )
         self._model, self._loss_fn, self._train_data = model, loss_fn, train_data
         self._damping_given, self._seed, self._bars = damping, seed, ProgressBar(progress)
         self._max_batch_size, self._params = max_batch_size, params
