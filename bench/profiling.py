@@ -1,10 +1,10 @@
 """Where the time goes: a reproducible torch.profiler summary of two calls side by side.
 
 Used by the cases for every ratio that misses its target: the curvscope call and the plain
-PyTorch call it is compared with are each profiled once (after the warm-up the timing already
-did), and the table lists the aten operators with the most self CPU time in either, plus the
-time outside aten operators (Python, functorch and dispatcher overhead), so that the extra
-time of the slower call can be read off row by row.
+PyTorch call it is compared with are each profiled (after a warm-up call; calls under 0.5 s
+are repeated and averaged), and the table lists the aten operators with the most self CPU
+time in either, plus the time outside aten operators (Python, functorch and dispatcher
+overhead), so that the extra time of the slower call can be read off row by row.
 """
 
 from __future__ import annotations
@@ -18,19 +18,27 @@ from torch.profiler import ProfilerActivity, profile
 from .harness import MEMORY, Table
 
 
-def op_times(fn: Callable[[], Any]) -> tuple[dict[str, tuple[float, int]], float]:
-    """Profile one call: aten op name -> (self CPU seconds, calls), and the call's wall time
-    under the profiler (seconds)."""
+def op_times(
+    fn: Callable[[], Any], *, min_s: float = 0.5, max_calls: int = 50
+) -> tuple[dict[str, tuple[float, int]], float]:
+    """Profile ``fn``: aten op name -> (self CPU seconds, calls), and the wall time under the
+    profiler (seconds), all per call of ``fn``. Calls that take milliseconds are repeated (up
+    to ``max_calls``, about ``min_s`` in all) so that one hiccup of a shared machine does not
+    make the table."""
+    start = time.perf_counter()
+    fn()
+    repeats = max(1, min(max_calls, int(min_s / max(time.perf_counter() - start, 1e-6))))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        fn()
-        wall = time.perf_counter() - start
+        for _ in range(repeats):
+            fn()
+        wall = (time.perf_counter() - start) / repeats
     out: dict[str, tuple[float, int]] = {}
     for event in prof.key_averages():
         if event.self_cpu_time_total > 0 and event.key.startswith("aten::"):
             seconds, calls = out.get(event.key, (0.0, 0))
             out[event.key] = (seconds + event.self_cpu_time_total * 1e-6, calls + event.count)
-    return out, wall
+    return {k: (s / repeats, round(c / repeats)) for k, (s, c) in out.items()}, wall
 
 
 def profile_pair(
@@ -74,7 +82,8 @@ def profile_pair(
     )
     table.add("wall time under the profiler", ours_wall * 1e3, "-", plain_wall * 1e3, "-")
     table.notes.append(
-        "One profiled call each (torch.profiler, CPU), after warm-up; the profiler itself adds "
-        "some overhead per op. Self CPU time summed over threads can exceed the wall time."
+        "Per call, from one profiled call each (torch.profiler, CPU) after warm-up, or the "
+        "mean of several where a call takes under 0.5 s; the profiler itself adds some "
+        "overhead per op. Self CPU time summed over threads can exceed the wall time."
     )
     return table
