@@ -175,3 +175,13 @@ def test_gridsearch_on_digits_validation_is_no_worse_than_the_trained_model():
     laplace = reliability(la.predict(x[test]), y[test])["nll"]
     assert laplace <= trained
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    for name in ("curvscope.laplace.approximation", "curvscope.report.digits"):
+        module = importlib.import_module(name)
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0, name

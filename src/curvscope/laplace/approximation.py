@@ -62,8 +62,8 @@ class LaplaceApproximation:
         >>> data = (torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
         >>> la = curvscope.LaplaceApproximation(model, torch.nn.MSELoss(), data,
         ...     structure="full", prior_precision=1.0)
-        >>> la.posterior_precision.to_dense()  # Σ x² / σ² + δ = 5 + 1
-        tensor([[6.]], dtype=torch.float64)
+        >>> float(la.posterior_precision.to_dense())  # Σ x² / σ² + δ = 5 + 1
+        6.0
     """
 
     def __init__(
