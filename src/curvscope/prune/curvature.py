@@ -140,7 +140,7 @@ def layer_curvatures(
 ) -> dict[str, LayerCurvature]:
     """One :class:`LayerCurvature` per pruned layer for ``kind`` (see the module docstring)."""
     names = [layer.name for layer in layers]
-    base = (id(model), id(data), kind)
+    base = (id(model), id(data), "ggn" if kind == "diagonal" else kind)  # the same GGN blocks
     if kind == "kfac":
         op = require_kfac()(model, loss_fn, data, params=names, fisher="ggn")
         offsets = _offsets(op.param_names, op.param_shapes)

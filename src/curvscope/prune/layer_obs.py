@@ -94,6 +94,11 @@ def saliency(weight: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return weight**2 / inverse.diagonal()
 
 
+def sweeps(layer: Layer) -> bool:
+    """Whether the layer is pruned by the column sweep (too large for the exact greedy)."""
+    return not (layer.rows * layer.cols**2 <= OBC_MAX_ENTRIES and layer.numel <= OBC_MAX_WEIGHTS)
+
+
 def prune_layer(
     weight: torch.Tensor, inverse: torch.Tensor, removals: int, structure: Structure
 ) -> tuple[torch.Tensor, torch.Tensor]:
