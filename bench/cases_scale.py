@@ -254,8 +254,9 @@ def _gpt2(cfg: Config) -> list[Table]:
 def _with_depth_note(tables: list[Table], batch: int) -> list[Table]:
     tables[0].notes.append(
         f"Full width (768), 12 heads, full vocabulary and sequence length 128, batch {batch}, but "
-        f"{TRANSFORMER_LAYERS} of the 12 layers: at 12 layers one H v takes ~15 s on this shared "
-        "2-core machine. The layers are identical, so the ratios are per-layer properties."
+        f"{TRANSFORMER_LAYERS} of the 12 layers: at 12 layers and batch 4 one plain H v took "
+        "~15 s on this 2-core machine when idle, and a case over 20 minutes when shared. The "
+        "layers are identical, so the ratios are per-layer properties."
     )
     return tables
 
