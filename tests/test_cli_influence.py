@@ -94,13 +94,6 @@ def test_bad_input_exits_2_with_one_line_and_no_report(args, match, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(hasattr(curvscope, "KFACOperator"), reason="structured operators exist")
-def test_structured_curvature_without_the_operators_is_bad_input(tmp_path):
-    result, out = invoke(*USER, "--curvature", "kfac", tmp_path=tmp_path)
-    assert result.exit_code == 2 and "no KFACOperator" in result.stderr
-    assert not out.exists()
-
-
 def test_crash_inside_the_computation_exits_1_and_writes_nothing(tmp_path):
     result, out = invoke(*USER, "--loss", "user_model:crashing_loss", tmp_path=tmp_path)
     assert result.exit_code == 1, result.output

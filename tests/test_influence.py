@@ -11,9 +11,6 @@ import curvscope
 
 N_TRAIN, N_TEST = 20, 5
 DAMPING = 0.5
-STRUCTURED = pytest.mark.skipif(
-    not hasattr(curvscope, "KFACOperator"), reason="structured operators (issue 10) not merged"
-)
 
 
 def _model() -> nn.Module:
@@ -279,13 +276,6 @@ def test_bad_data_and_mismatched_test_data_are_clear_errors():
         _influence(curvature=curvscope.DenseOperator(torch.eye(3)), params=names)
 
 
-@pytest.mark.skipif(hasattr(curvscope, "KFACOperator"), reason="structured operators exist")
-def test_structured_curvature_without_the_operators_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"curvature='kfac'\): this curvscope has no"):
-        _influence(curvature="kfac")
-
-
-@STRUCTURED
 @pytest.mark.parametrize(
     ("curvature", "cls"),
     [("kfac", "KFACOperator"), ("ekfac", "EKFACOperator"), ("diagonal", "GGNDiagonalOperator")],
@@ -325,7 +315,7 @@ def test_an_indefinite_system_is_reported():
 
 
 class _StructuredStandIn(curvscope.DenseOperator):
-    """An operator with an exact inverse and trace, as the structured operators of issue 10."""
+    """An operator with an exact inverse and trace, as the structured operators have."""
 
     def inverse(self, damping=0.0):
         eye = torch.eye(self.shape[0], dtype=self.dtype)

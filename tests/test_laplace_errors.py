@@ -63,13 +63,6 @@ def test_bad_operator_size_and_unsupported_losses(problem):
         curvscope.LaplaceApproximation(model, nn.CrossEntropyLoss(), iter(data))
 
 
-@pytest.mark.skipif(hasattr(curvscope, "KFACOperator"), reason="KFACOperator exists")
-def test_kfac_without_kfac_operator_says_what_to_use(problem):
-    model, data = problem
-    with pytest.raises(ValueError, match=r"needs curvscope\.KFACOperator.*'full', 'diag'"):
-        curvscope.LaplaceApproximation(model, nn.CrossEntropyLoss(), data)
-
-
 def test_bad_method_arguments(problem):
     model, data = problem
     la = _make(model, data)

@@ -292,8 +292,6 @@ def test_factors_are_those_of_kfac_operator(name, fisher):
     """The preconditioner's factors are KFACOperator's on the same batch (one convention)."""
     import curvscope
 
-    if not hasattr(curvscope, "KFACOperator"):
-        pytest.skip("curvscope.KFACOperator is not available in this build")
     model = {"mlp": _mlp, "cnn": _cnn}[name]().double()
     x, y = _data(name)
     loss_fn = nn.CrossEntropyLoss()

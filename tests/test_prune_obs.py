@@ -157,7 +157,6 @@ def _single_datum_deep_linear():
     return model, torch.nn.MSELoss(), (x, y)
 
 
-@pytest.mark.skipif(not hasattr(curvscope, "KFACOperator"), reason="no KFACOperator (issue 10)")
 def test_kfac_obs_equals_ggn_obs_where_kfac_is_exact():
     """For a single datum KFAC(fisher="ggn") equals the GGN's layer blocks, so OBS agrees."""
     model, loss_fn, data = _single_datum_deep_linear()
@@ -172,13 +171,6 @@ def test_kfac_obs_equals_ggn_obs_where_kfac_is_exact():
             torch.testing.assert_close(
                 kfac.model.get_parameter(name), ggn.model.get_parameter(name), atol=1e-9, rtol=0
             )
-
-
-@pytest.mark.skipif(hasattr(curvscope, "KFACOperator"), reason="KFACOperator exists")
-def test_kfac_without_the_operator_is_a_clear_error():
-    model, loss_fn, data = _single_datum_deep_linear()
-    with pytest.raises(ValueError, match=r"curvscope.prune\(curvature=...\).*KFACOperator"):
-        curvscope.prune(model, loss_fn, data, sparsity=0.5, curvature="kfac")
 
 
 def test_engine_falls_back_to_magnitude_where_the_inverse_breaks_down():

@@ -263,13 +263,10 @@ def test_uncertainty_section_matches_a_laplace_approximation(uncertain):
     model, report = uncertain
     u = report.uncertainty
     assert report.steps[-1].name == "uncertainty (Laplace)"
-    expected = "kfac" if hasattr(curvscope, "KFACOperator") else "full"
-    assert u.structure == expected and (u.num_validation, u.num_test) == (10, 10)
-    subset = "all" if expected == "kfac" else "last_layer"
+    assert u.structure == "kfac" and (u.num_validation, u.num_test) == (10, 10)
     la = curvscope.LaplaceApproximation(
-        model, torch.nn.CrossEntropyLoss(), user_model.build_data(), structure=expected,
-        subset=subset,
-    )  # fmt: skip
+        model, torch.nn.CrossEntropyLoss(), user_model.build_data(), structure="kfac", subset="all"
+    )
     for delta, value in zip(u.prior_grid, u.log_evidence, strict=True):
         assert value == pytest.approx(la.log_marginal_likelihood(delta), abs=1e-9)
     best = max(u.log_evidence)

@@ -33,15 +33,6 @@ def _check_options(curvature, solver, damping, num_test, top, flip_fraction, max
         raise loading.BadInputError(
             f"--flip-fraction {flip_fraction}: expected a number in [0, 1)."
         )
-    if curvature in ("kfac", "ekfac", "diagonal"):
-        import curvscope
-
-        name = {"kfac": "KFACOperator", "ekfac": "EKFACOperator", "diagonal": "GGNDiagonalOperator"}
-        if not hasattr(curvscope, name[curvature]):
-            raise loading.BadInputError(
-                f"--curvature {curvature!r}: this curvscope has no {name[curvature]}; use ggn, "
-                "hessian, fisher or identity."
-            )
 
 
 def _first_examples(batches: list[Any], count: int) -> tuple[Any, Any]:

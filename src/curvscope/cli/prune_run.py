@@ -48,8 +48,6 @@ def _check(options: dict[str, Any]) -> tuple[list[float], list[str]]:
         raise BadInputError(f"--structure {structure!r}: expected n:m (e.g. 2:4) or channel.")
     if not options["damping"] >= 0:
         raise BadInputError(f"--damping {options['damping']}: expected a number >= 0.")
-    if options["curvature"] == "kfac" and not hasattr(curvscope, "KFACOperator"):
-        raise BadInputError("--curvature kfac: this curvscope has no KFACOperator; use ggn.")
     return _sparsities(options["sparsity"], structure), list(options["methods"] or METHODS)
 
 

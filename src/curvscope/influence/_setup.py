@@ -12,12 +12,13 @@ from typing import Any
 from torch import nn
 
 from .._checks import check_choice, check_float, check_int, type_error, value_error
+from ..operators import EKFACOperator, GGNDiagonalOperator, KFACOperator
 
 FUNC = "InfluenceFunction"
 CURVATURES = ("ggn", "hessian", "fisher", "kfac", "ekfac", "diagonal", "identity")
 SOLVER_NAMES = ("auto", "exact", "cg", "lowrank", "lissa")
-#: curvature name -> the curvscope class (looked up when used: they come with issue 10).
-STRUCTURED = {"kfac": "KFACOperator", "ekfac": "EKFACOperator", "diagonal": "GGNDiagonalOperator"}
+#: curvature name -> the structured operator class (exact inverse, no products).
+STRUCTURED = {"kfac": KFACOperator, "ekfac": EKFACOperator, "diagonal": GGNDiagonalOperator}
 #: ``solver="auto"`` builds the dense matrix up to this many parameters, and uses CG above.
 AUTO_EXACT_MAX_PARAMS = 4096
 
@@ -67,20 +68,6 @@ def check_options(
         check_float(FUNC, "tol", tol, minimum=0.0, maximum=1.0, open_interval=True)
     check_int(FUNC, "max_matvecs", max_matvecs, minimum=1, allow_none=True)
     return damping
-
-
-def structured_class(name: str) -> Any:
-    """``curvscope.KFACOperator`` etc., or a clear error when this curvscope lacks it."""
-    import curvscope
-
-    cls = getattr(curvscope, STRUCTURED[name], None)
-    if cls is None:
-        raise ValueError(
-            f"curvscope.{FUNC}(curvature={name!r}): this curvscope has no "
-            f"curvscope.{STRUCTURED[name]} (the structured curvatures of issue 10). Use "
-            "curvature='ggn', 'hessian', 'fisher' or 'identity', or pass an operator."
-        )
-    return cls
 
 
 def select_params(model: nn.Module, params: Any) -> list[str]:

@@ -168,8 +168,6 @@ class InfluenceFunction:
                 params=self._params,
                 max_batch_size=self._max_batch_size,
             )
-        if curvature in _setup.STRUCTURED:
-            _setup.structured_class(curvature)  # a clear error now if it is missing
         return None
 
     def _names(self) -> list[str]:
@@ -184,7 +182,7 @@ class InfluenceFunction:
         if self._solver is not None:
             return
         if self._op is None and self._curvature in _setup.STRUCTURED:
-            cls = _setup.structured_class(self._curvature)
+            cls = _setup.STRUCTURED[self._curvature]
             self._op = cls(
                 self._model,
                 self._loss_fn,

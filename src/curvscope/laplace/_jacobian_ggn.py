@@ -5,8 +5,8 @@ and ``c = 1/M`` for reduction "mean" (M target positions or output elements) or 
 the GGN of ``loss_fn`` exactly as ``GGNOperator`` defines it. K backward passes per example
 (vmapped, in chunks of bounded memory) instead of P products over the data: far cheaper when
 the network's forward pass costs more than K·P (convolutions, attention), and no worse for an
-MLP. Used for "full" and, until ``GGNDiagonalOperator`` exists, for "diag"; models whose
-output is not (n, K) (sequence outputs) use the GGN operator instead.
+MLP. Used for "full"; models whose output is not (n, K) (sequence outputs) use the GGN
+operator instead.
 """
 
 from __future__ import annotations
@@ -29,35 +29,30 @@ def applies(function: ModelFunction, likelihood: Likelihood, data: Any, func: st
 
 
 def jacobian_ggn(
-    function: ModelFunction, likelihood: Likelihood, data: Any, func: str, *, diagonal: bool
+    function: ModelFunction, likelihood: Likelihood, data: Any, func: str
 ) -> torch.Tensor:
-    """The GGN of ``loss_fn`` (P, P), or its diagonal (P,) when ``diagonal``."""
+    """The GGN of ``loss_fn`` (P, P)."""
     size = function.num_params
-    shape = (size,) if diagonal else (size, size)
-    total = torch.zeros(shape, dtype=function.dtype, device=function.device)
+    total = torch.zeros((size, size), dtype=function.dtype, device=function.device)
     for inputs, targets, count in function.batches(data, func):
         start = 0
         for output, jacobian in function.jacobians(inputs, count):
             part = targets[start : start + len(output)]
             start += len(output)
-            total += _chunk(output, jacobian, part, likelihood, diagonal)
+            total += _chunk(output, jacobian, part, likelihood)
     all_reduce_sum(total)  # each process holds a shard of the data, as for the operators
     if likelihood.reduction == "mean":
         total /= max(likelihood.num_targets, 1)
     return total
 
 
-def _chunk(output, jacobian, targets, likelihood: Likelihood, diagonal: bool) -> torch.Tensor:
+def _chunk(output, jacobian, targets, likelihood: Likelihood) -> torch.Tensor:
     if likelihood.kind == "regression":
-        if diagonal:
-            return 2 * (jacobian**2).sum(dim=(0, 1))
         flat = jacobian.reshape(-1, jacobian.shape[-1])
         return 2 * flat.T @ flat
     keep = (targets.reshape(-1) != likelihood.ignore_index).to(output.dtype)
     probs = torch.softmax(output, dim=1) * keep[:, None]  # ignored positions count 0
     weighted = probs[:, :, None] * jacobian
     mean = weighted.sum(dim=1)  # Σ_k p_k J_k, (n, P)
-    if diagonal:
-        return (weighted * jacobian).sum(dim=(0, 1)) - (mean**2).sum(dim=0)
     flat = jacobian.reshape(-1, jacobian.shape[-1])
     return flat.T @ weighted.reshape(-1, jacobian.shape[-1]) - mean.T @ mean

@@ -2,16 +2,14 @@
 
 "full": the dense GGN (from per-example Jacobians for models with (n, K) outputs, see
 :mod:`curvscope.laplace._jacobian_ggn`, else ``GGNOperator`` products with the unit vectors);
-"diag": the exact GGN diagonal (``GGNDiagonalOperator`` when this curvscope has it, else as
-"full" does but keeping only the diagonal); "lowrank": the top ``rank`` eigenpairs of the GGN
-(Lanczos); "kfac": ``KFACOperator(fisher="ggn")`` with its exact log-determinant and inverse;
-any curvscope operator: used as the curvature (structured when it has ``logdet`` and
-``inverse``, else made dense).
+"diag": the exact GGN diagonal (``GGNDiagonalOperator``); "lowrank": the top ``rank``
+eigenpairs of the GGN (Lanczos); "kfac": ``KFACOperator(fisher="ggn")`` with its exact
+log-determinant and inverse; any curvscope operator: used as the curvature (structured when it
+has ``logdet`` and ``inverse``, else made dense).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +18,7 @@ from torch import nn
 
 from .. import estimators as _estimators
 from .. import operators as _operators
-from .._checks import value_error
+from ..operators import GGNDiagonalOperator, KFACOperator
 from ._jacobian_ggn import applies, jacobian_ggn
 from ._model import ModelFunction
 from .likelihood import Likelihood
@@ -29,21 +27,8 @@ from .posterior import DenseStructure, DiagonalStructure, LowRankStructure, Stru
 STRUCTURES = ("kfac", "full", "diag", "lowrank")
 #: Default number of eigenpairs of the "lowrank" structure.
 DEFAULT_RANK = 50
-#: Without GGNDiagonalOperator, the exact diagonal of a GGN with at most this many entries comes
-#: from one block of P products (to_dense), else from the exact diagonal estimator.
-DENSE_DIAGONAL_ENTRIES = 4096**2
 #: Columns per product block when an operator is made dense.
 BLOCK_COLUMNS = 64
-
-
-def public(name: str) -> Any:
-    """``curvscope.<name>`` if this version of curvscope has it, else None (looked up at call
-    time, so that structured operators are used as soon as they exist)."""
-    for module_name in ("curvscope", "curvscope.operators"):
-        module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, name):
-            return getattr(module, name)
-    return None
 
 
 def layer_groups(names: Sequence[str]) -> dict[str, list[str]]:
@@ -90,19 +75,14 @@ def build(
     if is_operator(structure):
         return _from_operator(structure)
     if structure == "kfac":
-        return _kfac(model, loss_fn, data, names, shapes, seed, progress, func)
+        return _kfac(model, loss_fn, data, names, shapes, seed, progress)
     ggn = _operators.GGNOperator(model, loss_fn, data, params=names, progress=progress)
-    by_jacobians = structure in ("full", "diag") and applies(function, likelihood, data, func)
-    if structure == "full":
-        if by_jacobians:
-            return DenseStructure(
-                jacobian_ggn(function, likelihood, data, func, diagonal=False), psd=True
-            )
-        return DenseStructure(dense_in_blocks(ggn), psd=True)
     if structure == "diag":
-        if public("GGNDiagonalOperator") is None and by_jacobians:
-            return DiagonalStructure(jacobian_ggn(function, likelihood, data, func, diagonal=True))
-        return DiagonalStructure(_exact_diagonal(model, loss_fn, data, names, ggn, progress))
+        return DiagonalStructure(_exact_diagonal(model, loss_fn, data, names, progress))
+    if structure == "full":
+        if applies(function, likelihood, data, func):
+            return DenseStructure(jacobian_ggn(function, likelihood, data, func), psd=True)
+        return DenseStructure(dense_in_blocks(ggn), psd=True)
     size = ggn.shape[0]
     k = min(DEFAULT_RANK if rank is None else rank, size)
     found = _estimators.eigenvalues(ggn, k=k, which="largest", seed=seed)
@@ -136,31 +116,18 @@ def _from_operator(operator: Any) -> Any:
     return DenseStructure(dense_in_blocks(operator))
 
 
-def _exact_diagonal(model, loss_fn, data, names, ggn, progress) -> torch.Tensor:
-    diagonal_operator = public("GGNDiagonalOperator")
-    if diagonal_operator is not None:  # exact, one pass, no per-example Jacobians
-        op = diagonal_operator(model, loss_fn, data, params=names, kind="exact", progress=progress)
-        by_name = op.diagonal()
-        return torch.cat([by_name[name].reshape(-1) for name in names])
-    if ggn.shape[0] ** 2 <= DENSE_DIAGONAL_ENTRIES:
-        return dense_in_blocks(ggn).diagonal()
-    return _estimators.diagonal(ggn, method="exact").value
+def _exact_diagonal(model, loss_fn, data, names, progress) -> torch.Tensor:
+    """The exact GGN diagonal in one pass (no per-example Jacobians), flat in ``names`` order."""
+    op = GGNDiagonalOperator(model, loss_fn, data, params=names, kind="exact", progress=progress)
+    by_name = op.diagonal()
+    return torch.cat([by_name[name].reshape(-1) for name in names])
 
 
-def _kfac(model, loss_fn, data, names, shapes, seed, progress, func) -> Any:
-    kfac = public("KFACOperator")
-    if kfac is None:
-        raise value_error(
-            func,
-            "structure",
-            "a structure this version of curvscope has",
-            "kfac",
-            "structure='kfac' needs curvscope.KFACOperator, which is not available here; use "
-            "structure='full', 'diag' or 'lowrank'.",
-        )
-
+def _kfac(model, loss_fn, data, names, shapes, seed, progress) -> Any:
     def make(params: list[str]) -> Any:
-        return kfac(model, loss_fn, data, params=params, fisher="ggn", seed=seed, progress=progress)
+        return KFACOperator(
+            model, loss_fn, data, params=params, fisher="ggn", seed=seed, progress=progress
+        )
 
     def blocks() -> list[tuple[slice, Any]]:
         slices = group_slices(names, shapes)

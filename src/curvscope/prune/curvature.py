@@ -2,10 +2,9 @@
 
 "ggn", "fisher" (empirical) and "hessian" build the operator of the layer alone
 (``params=[name]``) and read dense blocks from products with identity columns; "kfac" builds one
-``curvscope.KFACOperator`` over all pruned layers (when the installed curvscope has it) and reads
-the same blocks from its cheap Kronecker products and its exact ``diagonal()``; "diagonal" is
-the GGN diagonal (``curvscope.GGNDiagonalOperator`` when available, else the exact diagonal of
-the GGN from products, or an XDiag estimate for layers larger than ``EXACT_DIAGONAL_LIMIT``).
+``curvscope.KFACOperator`` over all pruned layers and reads the same blocks from its cheap
+Kronecker products and its exact ``diagonal()``; "diagonal" is the exact GGN diagonal of
+``curvscope.GGNDiagonalOperator``.
 Every curvature is of the mean loss, as the operators define it.
 """
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from .. import operators
 from ..estimators import diagonal as estimate_diagonal
-from ._validate import FUNC, Layer
+from ._validate import Layer
 
 #: Columns per product block when a dense block is read from an operator.
 CHUNK = 32
@@ -62,25 +61,6 @@ def cached(key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     if key not in cache:
         cache[key] = compute()
     return cache[key]
-
-
-def structured(name: str) -> Any:
-    """A structured operator class of the installed curvscope (issue 10), or None."""
-    import curvscope  # looked up at call time: the structured operators may be newer than this
-
-    return getattr(operators, name, None) or getattr(curvscope, name, None)
-
-
-def require_kfac() -> Any:
-    """``curvscope.KFACOperator``, or a clear error where this curvscope lacks it."""
-    kfac = structured("KFACOperator")
-    if kfac is None:
-        raise ValueError(
-            f"curvscope.{FUNC}(curvature=...): expected one of 'ggn', 'fisher', 'hessian', "
-            "'diagonal' in this installation, got 'kfac' (curvscope.KFACOperator is not "
-            "available). Pass curvature='ggn' or install a curvscope with KFACOperator."
-        )
-    return kfac
 
 
 class LayerCurvature:
@@ -142,7 +122,7 @@ def layer_curvatures(
     names = [layer.name for layer in layers]
     base = (id(model), id(data), "ggn" if kind == "diagonal" else kind)  # the same GGN blocks
     if kind == "kfac":
-        op = require_kfac()(model, loss_fn, data, params=names, fisher="ggn")
+        op = operators.KFACOperator(model, loss_fn, data, params=names, fisher="ggn")
         offsets = _offsets(op.param_names, op.param_shapes)
         diagonals: dict[str, torch.Tensor] = {}
 
@@ -174,13 +154,12 @@ def layer_curvatures(
 
 def _diagonal_operator(
     model: nn.Module, loss_fn: Any, data: Any, layer: Layer, seed: int
-) -> Callable[[], torch.Tensor] | None:
-    exact = structured("GGNDiagonalOperator")
-    if exact is None:
-        return None
-    return lambda: exact(model, loss_fn, data, params=[layer.name], seed=seed).diagonal()[
-        layer.name
-    ]
+) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        op = operators.GGNDiagonalOperator(model, loss_fn, data, params=[layer.name], seed=seed)
+        return op.diagonal()[layer.name]
+
+    return read
 
 
 def _offsets(names: list[str], shapes: dict[str, torch.Size]) -> dict[str, int]:

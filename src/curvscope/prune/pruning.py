@@ -13,7 +13,6 @@ from torch import nn
 from .. import operators
 from .._progress import progress_bar
 from ._validate import Layer, check_arguments, select_layers
-from .curvature import require_kfac
 from .methods import RUNNERS, Job, removals
 from .result import PruneResult, Sparsity
 
@@ -102,8 +101,6 @@ def prune(
     }
     sparsity, shape = check_arguments(model, loss_fn, data, options)
     layers = select_layers(model, params, shape, method)
-    if method in ("obd", "obs") and curvature == "kfac":
-        require_kfac()
     named = dict(model.named_parameters())
     weights = {
         layer.name: named[layer.name].detach().to(torch.float64).reshape(layer.rows, layer.cols)

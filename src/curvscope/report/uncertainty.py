@@ -2,10 +2,10 @@
 
 The held-out batches are split in two, by example (even positions: validation, odd: test). On
 the training data a :class:`curvscope.LaplaceApproximation` is fitted ("kfac" over all
-parameters when ``curvscope.KFACOperator`` exists, else "full" over the last layer); its prior
-precision is tuned twice, by the evidence ("marglik") and by the validation NLL of the probit
-predictive ("gridsearch"). The trained model and both Laplace predictives are compared on the
-test half: accuracy, NLL, ECE and the reliability diagram.
+parameters, or over ``params``); its prior precision is tuned twice, by the evidence ("marglik")
+and by the validation NLL of the probit predictive ("gridsearch"). The trained model and both
+Laplace predictives are compared on the test half: accuracy, NLL, ECE and the reliability
+diagram.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from torch import nn
 
 from ..laplace import LaplaceApproximation
 from ..laplace.predictive import reliability
-from ..laplace.structures import public
 from ..operators.data import iterate_batches
 
 #: The prior precisions of the evidence curve.
@@ -99,9 +98,8 @@ def analyze_uncertainty(
     start = time.perf_counter()
     device = next(model.parameters()).device
     validation, test = _halves(held_out, device)
-    kfac = public("KFACOperator") is not None
-    structure, subset = ("kfac", "all") if kfac else ("full", "last_layer")
-    chosen = list(params) if params is not None and subset == "all" else subset
+    structure = "kfac"
+    chosen = "all" if params is None else list(params)
     la = LaplaceApproximation(model, loss_fn, data, structure=structure, subset=chosen)
     log_evidence = tuple(la.log_marginal_likelihood(delta) for delta in CURVE)
     validation_nll = tuple(la.validation_nll(validation, CURVE))
@@ -126,7 +124,7 @@ def analyze_uncertainty(
         metrics[key] = reliability(probs, targets)
     return UncertaintyResult(
         structure=structure,
-        subset=subset if params is None or subset != "all" else "params",
+        subset="all" if params is None else "params",
         num_params=la.num_params,
         num_validation=_count(validation),
         num_test=_count(test),
