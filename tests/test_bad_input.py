@@ -526,6 +526,30 @@ CLI_CASES = [
     CliCase("option-below-minimum", ["--top-k", "0"], "Invalid value for '--top-k'"),
     CliCase("option-not-a-number", ["--top-k", "abc"], "valid integer"),
     CliCase("option-unknown", ["--no-such-option"], "No such option: --no-such-option"),
+    CliCase(
+        "influence-curvature-unknown",
+        ["--curvature", "bogus"],
+        "--curvature 'bogus': unknown; expected one of ggn, hessian",
+        command="influence",
+    ),
+    CliCase(
+        "influence-damping-negative",
+        ["--damping", "-1"],
+        "--damping -1.0: expected a number >= 0",
+        command="influence",
+    ),
+    CliCase(
+        "prune-sparsity-one-or-more",
+        ["--sparsity", "1.5"],
+        "--sparsity 1.5: expected numbers in [0, 1)",
+        command="prune",
+    ),
+    CliCase(
+        "prune-method-unknown",
+        ["--methods", "bogus"],
+        "--methods 'bogus': unknown; expected one of magnitude",
+        command="prune",
+    ),
     CliCase("track-lr-0", ["--lr", "0"], "--lr 0.0: expected a learning rate > 0", command="track"),
     CliCase(
         "track-steps-0", ["--steps", "0"], "--steps 0: expected an integer >= 1", command="track"
