@@ -178,14 +178,9 @@ def _torch_pruning_row(model, loss_fn, test, ratio, total, params) -> list:
 
 
 def _resnet18() -> tuple[str, nn.Module]:
-    try:
-        from .models_scale import ResNet18  # the bench helper's model, when present
+    from .models_scale import ResNet18
 
-        source = "bench.models_scale.ResNet18"
-    except ImportError:
-        from ._resnet import ResNet18
-
-        source = "bench._resnet.ResNet18"
+    source = "bench.models_scale.ResNet18"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(10)
         return source, ResNet18().eval()
