@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
 from .._checks import check_choice, check_float, check_int, type_error, value_error
 from ..operators import EKFACOperator, GGNDiagonalOperator, KFACOperator
+from ..operators._inputs import select_params as _select_params
 
 FUNC = "InfluenceFunction"
 CURVATURES = ("ggn", "hessian", "fisher", "kfac", "ekfac", "diagonal", "identity")
@@ -72,32 +73,7 @@ def check_options(
 
 def select_params(model: nn.Module, params: Any) -> list[str]:
     """Parameter names in model order: ``params`` (validated) or all with requires_grad."""
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [name for name, p in named.items() if p.requires_grad]
-        if not names:
-            raise value_error(
-                FUNC,
-                "model",
-                "a model with at least one parameter with requires_grad=True",
-                model,
-                f"Pass params=[...] from {list(named)}.",
-            )
-        return names
-    if isinstance(params, str) or not isinstance(params, Sequence):
-        raise type_error(
-            FUNC, "params", "None or a list of parameter names", params, f"Valid: {list(named)}."
-        )
-    unknown = [name for name in params if name not in named]
-    if unknown or not params or len(set(params)) != len(params):
-        raise value_error(
-            FUNC,
-            "params",
-            f"a non-empty list of distinct names from {list(named)}",
-            params,
-            f"Unknown: {unknown}. Names come from model.named_parameters().",
-        )
-    return [name for name in named if name in set(params)]
+    return _select_params(model, params, FUNC)
 
 
 def operator_names(model: nn.Module, op: Any, params: Any) -> list[str]:

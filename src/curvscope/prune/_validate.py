@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_float, check_int, type_error, value_error
+from ..operators._inputs import select_params as _select_params
 from ..operators.data import check_data
 
 FUNC = "prune"
@@ -137,24 +138,7 @@ def select_layers(
                 f"Choose the parameters with params=[...] from {list(named)}.",
             )
     else:
-        if isinstance(params, str) or not isinstance(params, Sequence):
-            raise type_error(
-                FUNC,
-                "params",
-                "None or a list of parameter names",
-                params,
-                f"Valid: {list(named)}.",
-            )
-        unknown = [n for n in params if n not in named]
-        if unknown or not params or len(set(params)) != len(params):
-            raise value_error(
-                FUNC,
-                "params",
-                f"a non-empty list of distinct names from {list(named)}",
-                params,
-                f"Unknown: {unknown}. Names come from model.named_parameters().",
-            )
-        names = [n for n in named if n in set(params)]
+        names = _select_params(model, params, FUNC)
     layers = [Layer(n, named[n].shape, _module_of(model, n)) for n in names]
     _check_layers(layers, named, structure, method)
     return layers
