@@ -26,7 +26,7 @@ from .obs import GreedyOBS
 
 #: The exact greedy per-row OBS runs where rows · cols² and the weight count are at most these.
 OBC_MAX_ENTRIES = 2**22
-OBC_MAX_WEIGHTS = 50_000
+OBC_MAX_WEIGHTS = 5_000
 #: Columns per block of the SparseGPT sweep.
 SWEEP_BLOCK = 128
 
