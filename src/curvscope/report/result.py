@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ._save import replace_directory as _replace_directory  # noqa: F401 (the old name)
 from ._save import save_report
 
 #: Bumped whenever a key of ``Report.to_dict()`` changes meaning or disappears.
