@@ -136,8 +136,25 @@ def peak_memory(fn: Callable[[], Any], *, device: str = "cpu") -> float:
     return float(peak * 1024)
 
 
-def memory_variants(variants: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Peak memory (bytes) of one call of each variant, each after a warm-up call.
+def time_once(variants: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """One cold call of each variant, in seconds: for variants that take minutes, where a
+    warm-up would double the cost and one-off set-up is part of what is measured."""
+    if MEMORY.child:
+        return {name: float("nan") for name in variants}
+    out = {}
+    for name, fn in variants.items():
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        out[name] = time.perf_counter() - start
+    return out
+
+
+def memory_variants(
+    variants: dict[str, Callable[[], Any]], *, warm: bool = True
+) -> dict[str, float]:
+    """Peak memory (bytes) of one call of each variant, each after a warm-up call (none with
+    ``warm=False``, for variants that take minutes).
 
     Measured in a separate child process run under ``MALLOC_ENV`` (see the module docstring),
     so that the timing process keeps glibc's default allocator behaviour.
@@ -149,7 +166,8 @@ def memory_variants(variants: dict[str, Callable[[], Any]]) -> dict[str, float]:
         return {name: float("nan") for name in variants}
     out = {}
     for name, fn in variants.items():
-        fn()
+        if warm:
+            fn()
         out[name] = peak_memory(fn)
     MEMORY.recorded.append(out)
     return out

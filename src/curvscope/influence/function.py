@@ -292,6 +292,7 @@ class InfluenceFunction:
             with self._bars.task("influence: training gradients", n) as advance:
                 for offset, train_gradients in self._train_chunks():
                     block = (train_gradients @ solution).T / n
+                    del train_gradients  # free before the next chunk is computed
                     row[:, offset : offset + block.shape[1]] = block
                     advance(block.shape[1])
             rows.append(row)
@@ -310,6 +311,7 @@ class InfluenceFunction:
                 statuses.append(status)
                 values.append((train_gradients.T * solution).sum(0) / n)
                 advance(train_gradients.shape[0])
+                del train_gradients, solution  # free before the next chunk is computed
         self._record(statuses)
         return torch.cat(values)
 
@@ -329,6 +331,7 @@ class InfluenceFunction:
     def _train_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         for _, offset, gradients in self._gradients.stream(self._train_data, "train_data"):
             yield offset, gradients
+            del gradients
 
     def _test_batches(self, test_data: Any) -> Iterator[torch.Tensor]:
         """Per-example gradients (b, P) of each batch of ``test_data`` (chunks joined)."""

@@ -135,6 +135,7 @@ class PerExampleGradients:
                     "the training data."
                 ) from error
             yield batch.index, offset, gradients
+            del gradients  # not alive while the next batch's are computed (memory: 2x less)
             offset += batch.size
 
     def count(self, data: Any) -> int:
