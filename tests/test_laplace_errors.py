@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from laplace_reference import classification_problem, joined, regression_problem
@@ -129,19 +130,31 @@ def test_the_model_is_untouched(structure):
     )
 
 
+def _regression_nll(la, data, delta):
+    x, y = joined(data)
+    la.prior_precision = delta
+    mean, variance = la.predict(x)
+    return float(0.5 * (torch.log(2 * torch.pi * variance) + (y - mean) ** 2 / variance).mean())
+
+
 def test_regression_gridsearch_picks_the_best_validation_nll():
     model, data = regression_problem(seed=3)
     la = curvscope.LaplaceApproximation(model, nn.MSELoss(), data, structure="full")
     grid = [0.01, 1.0, 100.0]
-    chosen = la.optimize_prior_precision("gridsearch", val_data=data, grid=grid)
-    x, y = joined(data)
-    scores = []
-    for delta in grid:
-        la.prior_precision = delta
-        mean, variance = la.predict(x)
-        nll = 0.5 * (torch.log(2 * torch.pi * variance) + (y - mean) ** 2 / variance).mean()
-        scores.append(float(nll))
-    assert chosen == grid[scores.index(min(scores))]
+    chosen = la.optimize_prior_precision("gridsearch", val_data=data, grid=grid, refine=False)
+    scores = [_regression_nll(la, data, delta) for delta in grid]
+    best = scores.index(min(scores))
+    assert chosen == grid[best]
+    # refine: a 17-point grid between the best point's neighbours, never worse than the grid
+    refined = la.optimize_prior_precision("gridsearch", val_data=data, grid=grid)
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    fine = np.geomspace(low, high, 17)
+    fine_scores = [_regression_nll(la, data, float(delta)) for delta in fine]
+    expected = float(fine[int(np.argmin(fine_scores))])
+    if min(fine_scores) >= scores[best]:
+        expected = grid[best]
+    assert refined == pytest.approx(expected, rel=1e-12)
+    assert _regression_nll(la, data, refined) <= scores[best]
 
 
 @pytest.mark.slow
