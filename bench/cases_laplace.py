@@ -220,6 +220,11 @@ def _problem_table(problem: dict[str, Any], have_peer: bool, cfg: Config) -> Tab
             table.add(*row[:4], *metrics, row[5])
             print(f"   {problem['name']}: {row}", file=sys.stderr, flush=True)
         _verdicts(table, label, ours, peer, trained["nll"])
+    table.notes.append(
+        "gridsearch: both libraries search the same 33 log-spaced prior precisions (1e-4..1e4) "
+        "on the validation split; curvscope then refines (`refine=True`, its default): 17 "
+        "log-spaced values between the best grid point's neighbours, one more validation pass."
+    )
     if "kfac" not in structures:
         table.notes.append("curvscope kfac: not run in quick mode.")
     return table

@@ -382,3 +382,24 @@ def test_operator_route_equals_jacobian_route(monkeypatch):
     for delta in PRIORS:
         expected = by_jacobians.log_marginal_likelihood(delta)
         assert by_products.log_marginal_likelihood(delta) == pytest.approx(expected, abs=TOL)
+
+
+def test_per_layer_prior_on_a_large_float32_curvature_stays_positive_definite():
+    # s·C in float32 with s·λ_max ~ 1e9: its round-off (~1e2) swamps a small per-layer δ;
+    # the Cholesky factor is taken in float64, where s·C + diag(δ) stays positive definite.
+    from curvscope.laplace.posterior import DenseStructure
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(40, 40, generator=generator, dtype=torch.float64))[0]
+    values = torch.cat([torch.logspace(6, 0, 20, dtype=torch.float64), torch.zeros(20)])
+    matrix = (basis * values) @ basis.T
+    structure = DenseStructure(matrix.float(), psd=True)
+    prior = torch.cat([torch.full((25,), 1e-3), torch.full((15,), 1e-2)]).float()
+    scale = 1000.0
+    stored = matrix.float().double()  # what the structure holds, its eigenvalues clamped at 0
+    values64, vectors64 = torch.linalg.eigh((stored + stored.T) / 2)
+    clamped = (vectors64 * values64.clamp_min(0)) @ vectors64.T
+    exact = torch.linalg.slogdet(scale * clamped + torch.diag(prior.double()))[1]
+    assert structure.logdet(scale, prior) == pytest.approx(float(exact), rel=1e-6)
+    solution = structure.solve(scale, prior, torch.ones(40, 1, dtype=torch.float32))
+    assert solution.dtype == torch.float32 and torch.isfinite(solution).all()

@@ -83,6 +83,7 @@ class DenseStructure(Structure):
             values = values.clamp_min(0)
             symmetric = (vectors * values) @ vectors.T
         self.matrix = symmetric.to(matrix.dtype)
+        self._matrix64 = symmetric  # per-layer priors factor s·C + diag(δ) in float64
         self.values, self.vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
         self._cache: tuple[Any, torch.Tensor] | None = None
         self._squares: torch.Tensor | None = None
@@ -112,7 +113,8 @@ class DenseStructure(Structure):
     def _cholesky(self, scale: float, prior: torch.Tensor) -> torch.Tensor:
         key = (scale, tuple(prior.tolist()))
         if self._cache is None or self._cache[0] != key:
-            precision = scale * self.matrix + torch.diag(prior)
+            # float64: with s = N large, float32 round-off of s·C can exceed a small δ
+            precision = scale * self._matrix64 + torch.diag(prior.to(torch.float64))
             factor, info = torch.linalg.cholesky_ex(precision)
             if int(info) != 0:
                 raise ValueError(_NOT_PD.format(value=float(torch.linalg.eigvalsh(precision)[0])))
@@ -128,13 +130,15 @@ class DenseStructure(Structure):
         if _is_scalar(prior):
             q = self.vectors
             return q @ ((q.T @ matrix) / self._spectrum(scale, prior)[:, None])
-        return torch.cholesky_solve(matrix, self._cholesky(scale, prior))
+        factor = self._cholesky(scale, prior)
+        return torch.cholesky_solve(matrix.to(factor.dtype), factor).to(matrix.dtype)
 
     def sqrt_inverse(self, scale: float, prior: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if _is_scalar(prior):
             return self.vectors @ (noise / self._spectrum(scale, prior).sqrt()[:, None])
         factor = self._cholesky(scale, prior)  # Λ = L Lᵀ, L⁻ᵀ z has covariance Λ⁻¹
-        return torch.linalg.solve_triangular(factor.T, noise, upper=True)
+        out = torch.linalg.solve_triangular(factor.T, noise.to(factor.dtype), upper=True)
+        return out.to(noise.dtype)
 
     def inverse_diagonal(self, scale: float, prior: torch.Tensor) -> torch.Tensor:
         if _is_scalar(prior):
@@ -144,7 +148,7 @@ class DenseStructure(Structure):
         factor = self._cholesky(scale, prior)
         eye = torch.eye(self.num_params, dtype=factor.dtype, device=factor.device)
         inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
-        return (inverse_factor**2).sum(dim=0)
+        return (inverse_factor**2).sum(dim=0).to(self.matrix.dtype)
 
 
 class DiagonalStructure(Structure):
