@@ -186,7 +186,7 @@ def output_gradients(
     }
 
 
-def _unfold(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def unfold_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Patches (n, C_in·k, L) of a Conv1d/Conv2d input, in the weight's (C_in, k...) order."""
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)
@@ -215,7 +215,7 @@ def layer_inputs(layer: Layer, x: torch.Tensor) -> list[torch.Tensor]:
     if isinstance(module, nn.Linear):
         features = [x.reshape(n, -1, x.shape[-1])]
     else:
-        patches = _unfold(module, x).transpose(1, 2)  # (n, L, C_in·k)
+        patches = unfold_patches(module, x).transpose(1, 2)  # (n, L, C_in·k)
         features = list(patches.chunk(layer.groups, dim=2))
     if layer.weight is None:
         features = [f[..., :0] for f in features]

@@ -15,12 +15,12 @@ from torch import nn
 from .._checks import describe
 from ._kfac_capture import (
     Layer,
-    _unfold,
     capture,
     check_records,
     embedding_counts,
     norm_example_grads,
     output_gradients,
+    unfold_patches,
 )
 
 #: Per-example gradients are formed in chunks of at most this many entries.
@@ -85,7 +85,7 @@ def raw_inputs(layer: Layer, x: torch.Tensor) -> tuple[list[torch.Tensor], bool]
     """Unaugmented inputs per group, and whether they are (n, d, R) (convolutions)."""
     if isinstance(layer.module, nn.Linear):
         return [x.reshape(x.shape[0], -1, x.shape[-1])], False
-    return list(_unfold(layer.module, x).chunk(layer.groups, dim=1)), True
+    return list(unfold_patches(layer.module, x).chunk(layer.groups, dim=1)), True
 
 
 def input_statistics(layer: Layer, x: torch.Tensor, approx: str) -> list[torch.Tensor]:

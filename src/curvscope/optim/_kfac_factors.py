@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..operators._kfac_capture import unfold_patches
 from ..operators.data import model_arguments
 from ..operators.losses import LossSpec
 
@@ -75,35 +76,13 @@ def find_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
     return list(layers.values()), other
 
 
-def _unfold(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Patches (n, L, C_in·k) of a convolution's input, in the weight's (C_in, k...) order."""
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, stride = (1, *module.kernel_size), (1, *module.stride)
-        dilation = (1, *module.dilation)
-        padding = module.padding if isinstance(module.padding, str) else (0, *module.padding)
-    else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        padding = module.padding
-    if padding == "valid":
-        padding = (0, 0)
-    elif padding == "same":
-        pad = []
-        for d, k in reversed(list(zip(dilation, kernel, strict=True))):
-            total = d * (k - 1)
-            pad += [total // 2, total - total // 2]
-        x, padding = F.pad(x, pad), (0, 0)
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return patches.transpose(1, 2)
-
-
 def _features(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """Augmented inputs (n, R, d_in)."""
     n = x.shape[0]
     if isinstance(layer.module, nn.Linear):
         features = x.reshape(n, -1, x.shape[-1])
     else:
-        features = _unfold(layer.module, x)
+        features = unfold_patches(layer.module, x).transpose(1, 2)  # (n, L, C_in·k)
     if layer.weight is None:
         features = features[..., :0]
     if layer.bias is not None:
