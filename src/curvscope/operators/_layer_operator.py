@@ -32,11 +32,7 @@ class LayerOperator(StructuredOperator, _ModelOperator):
         super().__init__(model, loss_fn, data, **options)
         check_choice(self._func, "fisher", fisher, FISHERS)
         check_int(self._func, "seed", seed, minimum=0)
-        spec = self._loss_spec
-        sampling_ok = spec.kind == "mse" or (
-            spec.kind == "cross_entropy" and spec.weight is None and spec.label_smoothing == 0.0
-        )
-        if fisher == "monte_carlo" and not sampling_ok:
+        if fisher == "monte_carlo" and not self._loss_spec.samplable:
             raise value_error(
                 self._func,
                 "loss_fn",

@@ -105,11 +105,7 @@ class FisherOperator(_OutputSpaceOperator):
         check_choice(self._func, "kind", kind, _KINDS)
         check_int(self._func, "num_samples", num_samples, minimum=1)
         check_int(self._func, "seed", seed, minimum=0)
-        spec = self._loss_spec
-        supported = spec.kind == "mse" or (
-            spec.kind == "cross_entropy" and spec.weight is None and spec.label_smoothing == 0.0
-        )
-        if kind == "monte_carlo" and not supported:
+        if kind == "monte_carlo" and not self._loss_spec.samplable:
             raise value_error(
                 self._func,
                 "loss_fn",

@@ -78,6 +78,13 @@ class LossSpec:
     label_smoothing: float = 0.0
     probed: bool = False  # a callable whose reduction is still to be detected
 
+    @property
+    def samplable(self) -> bool:
+        """Whether labels can be drawn from the model's predictive (Monte Carlo Fisher): MSE,
+        or cross-entropy without class weights or label smoothing."""
+        plain_ce = self.weight is None and self.label_smoothing == 0.0
+        return self.kind == "mse" or (self.kind == "cross_entropy" and plain_ce)
+
     def normaliser(self, targets: Any, size: int) -> float:
         """What the loss averages over in a batch of ``size`` examples with ``targets``."""
         if self.kind in ("cross_entropy", "nll") and isinstance(targets, torch.Tensor):

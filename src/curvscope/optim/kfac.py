@@ -94,11 +94,7 @@ class KFACPreconditioner:
         self._fisher = check_choice(_FUNC, "fisher", fisher, _FISHERS)
         self._seed = check_int(_FUNC, "seed", seed, minimum=0)
         self._spec = resolve_loss(loss_fn, None, _FUNC)
-        spec = self._spec
-        plain = spec.kind == "mse" or (
-            spec.kind == "cross_entropy" and spec.weight is None and spec.label_smoothing == 0.0
-        )
-        if fisher != "empirical" and not plain:
+        if fisher != "empirical" and not self._spec.samplable:
             raise value_error(
                 _FUNC,
                 "loss_fn",
