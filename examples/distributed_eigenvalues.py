@@ -18,3 +18,4 @@ op = curvscope.HessianOperator(model, torch.nn.CrossEntropyLoss(), curvscope.sha
 top = curvscope.eigenvalues(op, k=3, seed=0)  # the same on every rank
 if curvscope.is_main_process():  # print and write on rank 0 only
     print(f"{op.num_examples} examples, top eigenvalues {top.values.tolist()}")
+curvscope.shutdown_distributed()  # leave the group (also done at exit)

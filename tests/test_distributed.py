@@ -1,5 +1,6 @@
 """Two gloo processes on the CPU, each with its shard, give the single-process operators."""
 
+import os
 import socket
 import time
 
@@ -66,6 +67,7 @@ def _worker(rank, port, out_dir):
             results["error"] = str(err)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
+        time.sleep(0.1)  # let gloo's threads free their tensors (see shutdown_distributed)
         dist.destroy_process_group()
 
 
@@ -75,10 +77,29 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _run_ranks(out_dir, timeout=90.0):
+def _join_and_leave(rank, port, out_dir, other_port):
+    """init_distributed joins the group the environment names; shutdown_distributed leaves only
+    a group that init_distributed created."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    joined = curvscope.init_distributed()
+    total = curvscope.operators.distributed.all_reduce_sum(torch.tensor([rank + 1.0]))
+    curvscope.shutdown_distributed()
+    left = not dist.is_initialized()
+    own = f"tcp://127.0.0.1:{other_port}"  # the caller's own group, on a fresh port
+    dist.init_process_group("gloo", init_method=own, rank=rank, world_size=2)
+    curvscope.shutdown_distributed()
+    kept = dist.is_initialized()
+    time.sleep(0.1)
+    dist.destroy_process_group()
+    torch.save({"joined": joined, "total": total, "left": left, "kept": kept}, f"{out_dir}/{rank}")
+
+
+def _run_ranks(out_dir, timeout=90.0, worker=_worker, extra=()):
     context = mp.start_processes(
-        _worker,
-        args=(_free_port(), str(out_dir)),
+        worker,
+        args=(_free_port(), str(out_dir), *extra),
         nprocs=WORLD_SIZE,
         join=False,
         start_method="spawn",
@@ -106,6 +127,14 @@ def test_two_processes_match_single_process(tmp_path):
                 torch.testing.assert_close(got[key], expected[key], rtol=1e-10, atol=1e-10)
             for key in ("loss", "shifted_loss"):
                 assert abs(got[key] - expected[key]) <= 1e-10 * max(1.0, abs(expected[key]))
+
+
+def test_init_and_shutdown_distributed(tmp_path):
+    _run_ranks(tmp_path, worker=_join_and_leave, extra=(_free_port(),))
+    ranks = [torch.load(tmp_path / str(r)) for r in range(WORLD_SIZE)]
+    assert [r["joined"] for r in ranks] == [(0, 2), (1, 2)]
+    assert [r["total"].item() for r in ranks] == [3.0, 3.0]
+    assert all(r["left"] and r["kept"] for r in ranks)
 
 
 def test_shard_without_distributed_returns_input_unchanged():

@@ -18,8 +18,23 @@ BUILT_IN_BATCH_SIZE = 2048
 BUILT_IN_HELD_OUT = 360
 
 
-def run(
+def run(**options: Any) -> None:
+    """Run the analysis described by the command-line options (see ``curvscope analyze``).
+
+    Under ``torchrun`` every rank joins the process group first and leaves it at the end, also
+    on failure (a rank that exits with the group alive can abort while shutting down).
+    """
+    loading.use_working_directory()
+    main = _start_distributed()
+    try:
+        _analyze(main=main, **options)
+    finally:
+        curvscope.shutdown_distributed()
+
+
+def _analyze(
     *,
+    main: bool,
     model: str | None,
     checkpoint: Path | None,
     data: str | None,
@@ -40,9 +55,6 @@ def run(
     json_output: bool,
     quiet: bool,
 ) -> None:
-    """Run the analysis described by the command-line options (see ``curvscope analyze``)."""
-    loading.use_working_directory()
-    main = _start_distributed()
     show = main and not quiet
     loading.resolve_choice(curvature, ("hessian", "ggn", "fisher"), "--curvature")
     torch_dtype = loading.resolve_dtype(dtype)

@@ -3,7 +3,7 @@
 from ._inputs import TrainModeWarning
 from .base import DenseOperator, LinearOperator
 from .block_diagonal import BlockDiagonalOperator
-from .distributed import init_distributed, is_main_process, shard
+from .distributed import init_distributed, is_main_process, shard, shutdown_distributed
 from .ekfac import EKFACOperator
 from .fisher import FisherOperator
 from .ggn import GGNOperator
@@ -25,4 +25,5 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "shard",
+    "shutdown_distributed",
 ]

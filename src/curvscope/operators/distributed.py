@@ -7,7 +7,9 @@ one ``all_reduce`` per product. Nothing here does anything when it is not initia
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,7 +73,34 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        _JOINED.append(dist.group.WORLD)
+        # leave the group before the interpreter shuts down (see shutdown_distributed)
+        atexit.register(shutdown_distributed)
     return rank_and_world_size()
+
+
+_JOINED: list[Any] = []  # the process group init_distributed created, if any
+_SETTLE_SECONDS = 0.1  # see shutdown_distributed
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group that :func:`init_distributed` joined (a no-op otherwise).
+
+    Call it once this process has done its last collective operation, e.g. at the end of a
+    script run under ``torchrun``; it also runs when the interpreter exits. A group that the
+    caller initialised itself is left alone.
+
+    Example:
+        >>> import curvscope
+        >>> curvscope.shutdown_distributed()  # nothing was joined: nothing to leave
+    """
+    if _JOINED and is_distributed() and dist.group.WORLD is _JOINED[0]:
+        # After an all-reduce has returned, gloo's worker thread still frees the tensors it
+        # held, which needs the GIL; a process that exits before that aborts ("terminate called
+        # without an active exception"). Sleeping hands it the GIL.
+        time.sleep(_SETTLE_SECONDS)
+        dist.destroy_process_group()
+    _JOINED.clear()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
