@@ -285,17 +285,21 @@ class InfluenceFunction:
         """
         self._prepare()
         n, rows, statuses = self.num_train, [], []
-        for test_gradients in self._test_batches(test_data):
-            solution, status = self._solver(test_gradients.T)
-            statuses.append(status)
-            row = solution.new_empty(test_gradients.shape[0], n)
+        for solutions in self._solved_test_batches(test_data, statuses):
+            width = sum(solution.shape[1] for solution in solutions)
+            row = solutions[0].new_empty(width, n)
             with self._bars.task("influence: training gradients", n) as advance:
-                for offset, train_gradients in self._train_chunks():
-                    block = (train_gradients @ solution).T / n
-                    del train_gradients  # free before the next chunk is computed
-                    row[:, offset : offset + block.shape[1]] = block
-                    advance(block.shape[1])
+                for offset, parts in self._train_chunks(flat=False):
+                    count, column = parts[0].shape[0], 0
+                    for solution in solutions:
+                        block = _contract(parts, solution)  # (count, b_k)
+                        row[column : column + block.shape[1], offset : offset + count] = block.T
+                        column += block.shape[1]
+                    del parts  # free before the next chunk is computed
+                    advance(count)
+            row /= n
             rows.append(row)
+            del solutions
         self._record(statuses)
         if not rows:
             raise value_error(FUNC + ".scores", "test_data", "at least one example", test_data)
@@ -328,22 +332,31 @@ class InfluenceFunction:
         return InfluenceTop(helpful.indices, helpful.values, harmful.indices, harmful.values)
 
     # -- streaming ---------------------------------------------------------------------------
-    def _train_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        for _, offset, gradients in self._gradients.stream(self._train_data, "train_data"):
+    def _train_chunks(self, flat: bool = True) -> Iterator[tuple[int, Any]]:
+        for _, offset, gradients in self._gradients.stream(
+            self._train_data, "train_data", flat=flat
+        ):
             yield offset, gradients
             del gradients
 
-    def _test_batches(self, test_data: Any) -> Iterator[torch.Tensor]:
-        """Per-example gradients (b, P) of each batch of ``test_data`` (chunks joined)."""
-        current, pieces = None, []
+    def _solved_test_batches(
+        self, test_data: Any, statuses: list[SolveStatus]
+    ) -> Iterator[list[torch.Tensor]]:
+        """``(C + λI)⁻¹`` applied to the per-example gradients of each batch of ``test_data``:
+        one (P, b_k) solution per chunk of ``max_batch_size`` examples, the gradients freed as
+        soon as they are solved (only the solutions of a batch are held at once)."""
+        current, solutions = None, []
         for index, _, gradients in self._gradients.stream(test_data, "test_data"):
             if current is not None and index != current:
-                yield torch.cat(pieces)
-                pieces = []
+                yield solutions
+                solutions = []
             current = index
-            pieces.append(gradients)
-        if pieces:
-            yield torch.cat(pieces)
+            solution, status = self._solver(gradients.T)
+            del gradients
+            statuses.append(status)
+            solutions.append(solution)
+        if solutions:
+            yield solutions
 
     def _record(self, statuses: list[SolveStatus]) -> None:
         if not statuses:
@@ -378,3 +391,15 @@ class InfluenceFunction:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def _contract(parts: list[torch.Tensor], solution: torch.Tensor) -> torch.Tensor:
+    """``G @ solution`` for ``G`` given as its column blocks (one per parameter), layer by layer:
+    the (count, P) matrix of training gradients is never formed."""
+    start = parts[0].shape[1]
+    total = parts[0] @ solution[:start]
+    for part in parts[1:]:
+        stop = start + part.shape[1]
+        total.addmm_(part, solution[start:stop])
+        start = stop
+    return total

@@ -94,30 +94,35 @@ class PerExampleGradients:
 
         return loss
 
-    def _flat(self, gradients: dict, count: int) -> torch.Tensor:
-        return torch.cat([gradients[name].reshape(count, -1) for name in self.names], dim=1)
+    def _parts(self, gradients: dict, count: int) -> list[torch.Tensor]:
+        return [gradients[name].detach().reshape(count, -1) for name in self.names]
 
-    def batch(self, inputs: Any, targets: Any, size: int) -> torch.Tensor:
-        """Per-example gradients of one batch of ``size`` examples, (size, P)."""
+    def batch(self, inputs: Any, targets: Any, size: int, *, flat: bool = True) -> Any:
+        """Per-example gradients of one batch of ``size`` examples: (size, P), or with
+        ``flat=False`` one (size, P_k) block per parameter, in order (no concatenated copy)."""
         params, constants, buffers = self._state()
         loss = self._one_example_loss(constants, buffers)
         with eval_mode(self.model):
+            parts = None
             if self._vmap_works:
                 try:
                     gradients = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, targets)
-                    return self._flat(gradients, size).detach()
+                    parts = self._parts(gradients, size)
                 except (RuntimeError, NotImplementedError):  # ops vmap cannot batch
                     self._vmap_works = False
-            rows = []
-            for index in range(size):
-                one_in = _squeeze_one(slice_examples(inputs, index, index + 1))
-                one_out = _squeeze_one(slice_examples(targets, index, index + 1))
-                rows.append(self._flat(grad(loss)(params, one_in, one_out), 1))
-            return torch.cat(rows).detach()
+            if parts is None:
+                rows = []
+                for index in range(size):
+                    one_in = _squeeze_one(slice_examples(inputs, index, index + 1))
+                    one_out = _squeeze_one(slice_examples(targets, index, index + 1))
+                    rows.append(self._parts(grad(loss)(params, one_in, one_out), 1))
+                parts = [torch.cat(column) for column in zip(*rows, strict=True)]
+        return torch.cat(parts, dim=1) if flat else parts
 
-    def stream(self, data: Any, arg: str) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield ``(batch index, offset, gradients (b, P))`` for the examples of ``data``, in
-        order (a batch split by ``max_batch_size`` keeps its index)."""
+    def stream(self, data: Any, arg: str, *, flat: bool = True) -> Iterator[tuple[int, int, Any]]:
+        """Yield ``(batch index, offset, gradients)`` for the examples of ``data``, in order (a
+        batch split by ``max_batch_size`` keeps its index); gradients as :meth:`batch` gives
+        them."""
         check_data(data, self.func)
         offset = 0
         batches = iterate_batches(
@@ -125,7 +130,7 @@ class PerExampleGradients:
         )
         for batch in batches:
             try:
-                gradients = self.batch(batch.inputs, batch.targets, batch.size)
+                gradients = self.batch(batch.inputs, batch.targets, batch.size, flat=flat)
             except Exception as error:
                 detail = " ".join(str(error).split())
                 raise ValueError(

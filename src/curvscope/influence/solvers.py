@@ -138,7 +138,10 @@ class ExactSolver(_Solver):
 
     def _apply(self, block):
         if self.structured:
-            return self.scale * (self.inverse @ block), block.shape[1], None, "exact"
+            solution = self.inverse @ block
+            if self.scale != 1:  # in place: the solution of a big block is held once
+                solution.mul_(self.scale)
+            return solution, block.shape[1], None, "exact"
         coefficients = self.vectors.T @ block
         solution = self.vectors @ (coefficients * self.inverse_values[:, None])
         return solution, block.shape[1], None, "exact"
