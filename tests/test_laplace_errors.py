@@ -157,6 +157,32 @@ def test_regression_gridsearch_picks_the_best_validation_nll():
     assert _regression_nll(la, data, refined) <= scores[best]
 
 
+def test_default_grid_extends_towards_the_map_limit_when_still_falling(monkeypatch):
+    from curvscope.laplace import approximation
+
+    model, data = regression_problem(seed=3)
+    la = curvscope.LaplaceApproximation(model, nn.MSELoss(), data, structure="full")
+    passes = []
+
+    def curve(val_data, values, predictive, func):  # falls until 1e6, rises after
+        passes.append(list(values))
+        return [abs(np.log10(v) - 6.0) for v in values]
+
+    monkeypatch.setattr(la, "_validation_nll", curve)
+    chosen = la.optimize_prior_precision("gridsearch", val_data=data, refine=False)
+    assert chosen == pytest.approx(1e6, rel=1e-12)
+    assert passes == [list(approximation.DEFAULT_GRID), list(approximation.EXTENDED_GRID)]
+    # a user's grid is searched as given; an interior optimum needs no extension
+    passes.clear()
+    assert la.optimize_prior_precision("gridsearch", val_data=data, grid=[1.0, 1e4]) == 1e4
+    assert passes[0] == [1.0, 1e4] and len(passes) == 2  # the grid, then its refinement
+    monkeypatch.setattr(
+        la, "_validation_nll", lambda v, values, p, f: [abs(np.log10(x)) for x in values]
+    )
+    passes.clear()
+    assert la.optimize_prior_precision("gridsearch", val_data=data, refine=False) == 1.0
+
+
 @pytest.mark.slow
 def test_gridsearch_on_digits_validation_is_no_worse_than_the_trained_model():
     from curvscope.report.digits import digits_mlp, load_digits

@@ -51,6 +51,24 @@ def test_probit_equals_its_closed_form(structure):
     assert got.shape == (5, 3)
 
 
+@pytest.mark.parametrize("prior", [0.7, {"0": 0.5, "2": 2.0}], ids=["scalar", "per-layer"])
+def test_kfac_probit_and_validation_nll_equal_the_dense_posterior(prior):
+    """KFAC's predictive variances come from one rotation into its eigenbasis: they equal
+    diag(J Λ⁻¹ Jᵀ) with Λ the posterior precision's dense matrix, for every prior."""
+    model, _data, la = _classifier("kfac", prior=prior)
+    precision = la.posterior_precision.to_dense()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    _, out, jac = jacobian(model, x, la.param_names)
+    torch.testing.assert_close(la.predict(x), probit(out, jac, precision), rtol=1e-8, atol=1e-10)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    priors = [0.3, 3.0]  # the validation curve is over scalar priors
+    got = la.validation_nll([(x, y)], priors)
+    for value, nll in zip(priors, got, strict=True):
+        la.prior_precision = value
+        probs = probit(out, jac, la.posterior_precision.to_dense())
+        assert nll == pytest.approx(float(-probs[torch.arange(5), y].log().mean()), rel=1e-10)
+
+
 def test_probit_on_batchnorm_cnn_and_transformer_equals_closed_form():
     for make in (cnn_batchnorm, transformer):
         case = make()

@@ -101,6 +101,31 @@ def test_inverse_logdet_trace_diagonal_match_dense(zoo_ops, name):
     assert all(diagonal[n].shape == s for n, s in op.param_shapes.items())
 
 
+@pytest.mark.parametrize("name", ["kfac-expand", "kfac-reduce", "ekfac"])
+def test_eigenbasis_diagonalises_the_kronecker_operators(zoo_ops, name):
+    op = zoo_ops[name]
+    dense = op.to_dense()
+    size = dense.shape[0]
+    basis = op.to_eigenbasis(torch.eye(size, dtype=DTYPE))  # Qᵀ
+    values = op.eigenbasis_values()
+    _close(basis @ basis.T, torch.eye(size, dtype=DTYPE), 1e-10)  # orthogonal
+    _close(basis.T @ (values[:, None] * basis), dense)  # K = Q diag(values) Qᵀ
+    assert float(values.min()) >= 0
+    # blockwise dampings (constant on each module) stay diagonal in the eigenbasis
+    modules = sorted({n.rsplit(".", 1)[0] for n in op.param_names})
+    level = {n: 0.1 + modules.index(n.rsplit(".", 1)[0]) for n in op.param_names}
+    shift = torch.cat([torch.full((s.numel(),), level[n]) for n, s in op.param_shapes.items()])
+    v = torch.randn(size, 2, generator=_gen(2), dtype=DTYPE)
+    rotated = op.to_eigenbasis(v)
+    shift = shift.to(DTYPE)
+    _close(
+        basis.T @ (rotated / (values + shift)[:, None]),
+        torch.linalg.solve(dense + torch.diag(shift), v),
+    )
+    with pytest.raises(ValueError, match=r"to_eigenbasis\(matrix=...\)"):
+        op.to_eigenbasis(torch.zeros(size + 1, 2, dtype=DTYPE))
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_operator_interface_and_estimators(zoo_ops, name):
     op = zoo_ops[name]

@@ -25,6 +25,8 @@ _FUNC = "LaplaceApproximation"
 DEFAULT_GRID = tuple(float(x) for x in np.logspace(-4, 4, 33))
 #: Points of the finer second grid of "gridsearch" (``refine=True``).
 REFINE_POINTS = 17
+#: Tried after DEFAULT_GRID when its largest value is the best: towards the MAP limit.
+EXTENDED_GRID = tuple(float(x) for x in np.logspace(4.25, 8, 16))
 
 
 class LaplaceApproximation:
@@ -242,7 +244,9 @@ class LaplaceApproximation:
                 "gridsearch" minimises the negative log-likelihood of the ``predictive`` on
                 ``val_data`` over ``grid``.
             val_data: validation batches (needed by "gridsearch").
-            grid: prior precisions to try (default 33 values from 1e-4 to 1e4, log-spaced).
+            grid: prior precisions to try (default 33 values from 1e-4 to 1e4, log-spaced; when
+                the largest is the best, 16 more up to 1e8, one more pass over ``val_data``:
+                the validation NLL can still fall towards the MAP limit).
             per_layer: "marglik" with one δ per layer (default: when the current prior is a
                 dict).
             predictive: the predictive of "gridsearch": "probit" or "glm" (then with
@@ -309,6 +313,10 @@ class LaplaceApproximation:
             raise value_error(func, "grid", "at least one prior precision", grid)
         scores = self._validation_nll(val_data, values, predictive, func)
         best = int(np.nanargmin(scores))
+        if grid is DEFAULT_GRID and best == len(values) - 1:  # still falling at the grid's end
+            values = values + list(EXTENDED_GRID)
+            scores = scores + self._validation_nll(val_data, list(EXTENDED_GRID), predictive, func)
+            best = int(np.nanargmin(scores))
         if not refine or len(values) < 2:
             return values[best]
         # A second pass, 16 times finer, between the best grid point's neighbours (in sorted

@@ -298,6 +298,21 @@ class StructuredStructure(Structure):
             out[part] = op.inverse(delta / scale).matmat(matrix[part].contiguous()) / scale
         return out
 
+    def variance_of(self, rows: torch.Tensor) -> Callable[[float, torch.Tensor], torch.Tensor]:
+        """With an eigenbasis (KFAC, EKFAC), the rows are rotated once and every (s, δ) costs
+        one product: ``diag(J Λ⁻¹ Jᵀ) = Σ_p (QᵀJᵀ)²_p / (s λ_p + δ_p)``, exact for priors
+        constant on each Kronecker block (a scalar, or one δ per module)."""
+        rotate = getattr(self.operator, "to_eigenbasis", None)
+        if rotate is None:
+            return super().variance_of(rows)
+        squares = rotate(rows.T.contiguous()).square_()  # (P, m)
+        values = self.operator.eigenbasis_values().to(squares.dtype)
+
+        def variance(scale: float, prior: torch.Tensor) -> torch.Tensor:
+            return torch.reciprocal(scale * values + prior.to(values.dtype)) @ squares
+
+        return variance
+
     def sqrt_inverse(self, scale: float, prior: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(noise)
         for part, op, delta in self._parts(prior):

@@ -233,6 +233,36 @@ class KFACOperator(LayerOperator):
             matrix, lambda b, m: b.inverse_matmat(m, damping), lambda d, v: v / (d + damping)
         )
 
+    def to_eigenbasis(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ M`` for M (P, k): the columns in the operator's eigenbasis (the Kronecker
+        eigenvectors ``Q_G ⊗ Q_A`` of each block; the unit vectors of the diagonal parts), laid
+        out like the parameters. With :meth:`eigenbasis_values`, ``K = Q diag(values) Qᵀ``: one
+        rotation then serves ``(K + D)⁻¹`` for every diagonal D constant on each block.
+
+        Example:
+            >>> import torch, curvscope
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+            >>> data = [(torch.randn(8, 3), torch.randn(8, 2))]
+            >>> op = curvscope.KFACOperator(net, torch.nn.MSELoss(), data)
+            >>> op.to_eigenbasis(torch.randn(op.shape[0], 4)).shape
+            torch.Size([8, 4])
+        """
+        func = f"{type(self).__name__}.to_eigenbasis"
+        matrix = self._check_tensor(matrix, func, "matrix", ndim=2)
+        return self._apply(matrix, lambda b, m: b.rotate(m), lambda d, v: v)
+
+    def eigenbasis_values(self) -> torch.Tensor:
+        """(P,): K's eigenvalues, laid out as :meth:`to_eigenbasis` lays out the columns."""
+        values = {
+            name: torch.empty(1, *shape, dtype=self.dtype, device=self.device)
+            for name, shape in self._param_shapes.items()
+        }
+        for block in self._ensure():
+            block.from_matrix(block.eigenvalues().unsqueeze(0).to(self.dtype), values)
+        for name, diagonal in self._norms.items():
+            values[name] = diagonal.unsqueeze(0)
+        return torch.cat([values[name].reshape(-1) for name in self._names])
+
     def _spectrum(self) -> torch.Tensor:
         pieces = [block.eigenvalues().reshape(-1) for block in self._ensure()]
         pieces += [values.reshape(-1) for values in self._norms.values()]
