@@ -65,8 +65,10 @@ class InfluenceFunction:
     counts the same number of positions (no ignored targets).
 
     Gradients are taken in eval mode on copies of the parameters; the model is never changed.
-    The inverse side is solved once per test batch, and training gradients are streamed in
-    batches of at most ``max_batch_size`` examples, so memory stays bounded for any n.
+    Each test example's gradient is solved once (in chunks of ``max_batch_size``; only the
+    solutions are kept), and training gradients are streamed in chunks of at most
+    ``max_batch_size`` examples once per test batch and contracted layer by layer, so memory is
+    the test batch's solutions plus one chunk, for any n.
 
     Args:
         model: the trained network.
