@@ -36,7 +36,8 @@ class EigenResult(Result):
             below ``10 eps ||A||_est`` (the rounding of one product); some eigenvalue of A lies
             within it of ``value``.
         converged: (k,) bool, ``residual_norm <= tol * max(|value|, sqrt(eps) * ||A||_est)``
-            (eps of the operator's dtype, ``||A||_est`` the largest |Ritz value| seen).
+            (eps of the operator's dtype, ``||A||_est`` the largest |Ritz value| seen), or
+            ``<= tol * max(|value|, ||A||_est)`` with ``relative_to="norm"``.
         num_matvecs: products with the operator used.
         which: the part of the spectrum asked for.
         tol: the relative tolerance asked for.
@@ -117,12 +118,17 @@ def _dense(apply: Counter, op: Any, want: int, which: str) -> tuple:
     return values.numpy(), vecs, residuals.clamp_min(floor).numpy(), float(theta.abs().max())
 
 
-def _converged(values: np.ndarray, residuals: np.ndarray, tol: float, anorm: float, eps: float):
-    """Per value: residual <= tol * max(|value|, sqrt(eps) * ||A||_est)."""
-    return residuals <= tol * np.maximum(np.abs(values), math.sqrt(eps) * anorm)
+def _converged(values: np.ndarray, residuals: np.ndarray, tol: float, anorm: float, floor: float):
+    """Per value: residual <= tol * max(|value|, floor * ||A||_est)."""
+    return residuals <= tol * np.maximum(np.abs(values), floor * anorm)
 
 
-def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, bar) -> tuple:
+def _floor(relative_to: str, eps: float) -> float:
+    """The fraction of ||A||_est below which |value| no longer scales the tolerance."""
+    return 1.0 if relative_to == "norm" else math.sqrt(eps)
+
+
+def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, bar, rel) -> tuple:
     """Run thick-restart Lanczos until the ``want`` wanted Ritz pairs converge or the budget.
 
     The recurrence residuals ``|beta s_last|`` decide when to look; the answer is then checked
@@ -132,6 +138,7 @@ def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, b
     """
     engine = ThickRestartLanczos(apply, start, basis_size, gen)
     eps, anorm, restarts, misses = engine.eps, 0.0, 0, 0
+    floor = _floor(rel, eps)
     while True:
         engine.step()
         theta, vectors, residuals = engine.ritz()
@@ -139,20 +146,20 @@ def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, b
         residuals = np.maximum(residuals, 10 * math.sqrt(engine.n) * eps * anorm)
         chosen = _pick(theta, which, want)
         claimed = len(chosen) == want and bool(
-            _converged(theta[chosen], residuals[chosen], tol, anorm, eps).all()
+            _converged(theta[chosen], residuals[chosen], tol, anorm, floor).all()
         )
         bar.update(apply.count, residual=float(np.max(residuals[chosen] / max(anorm, 1e-300))))
         if claimed or apply.count >= budget:
             values, true, rows = engine.explicit(vectors[:, chosen])
             true = np.maximum(true, 10 * eps * anorm)
-            if _converged(values, true, tol, anorm, eps).all():
+            if _converged(values, true, tol, anorm, floor).all():
                 return values, rows, true, anorm, restarts, "converged"
             misses += claimed
             if apply.count >= budget or misses >= _CHECKS:
                 status = "max_matvecs" if apply.count >= budget else "stagnated"
                 return values, rows, true, anorm, restarts, status
         if engine.n == basis_size:
-            nconv = int(_converged(theta[chosen], residuals[chosen], tol, anorm, eps).sum())
+            nconv = int(_converged(theta[chosen], residuals[chosen], tol, anorm, floor).sum())
             keep = _keep_count(want, nconv, basis_size)
             engine.restart(_pick(theta, which, keep), theta, vectors, 10 * eps * anorm)
             restarts += 1
@@ -193,6 +200,7 @@ def eigenvalues(
     v0: torch.Tensor | None = None,
     return_eigenvectors: bool = True,
     progress: bool = False,
+    relative_to: str = "value",
 ) -> EigenResult:
     """The k extreme eigenvalues of a symmetric operator, with honest residual norms.
 
@@ -222,6 +230,10 @@ def eigenvalues(
             orthonormalised sum starts the Krylov space, which then contains them after m steps).
         return_eigenvectors: also return the (P, k) eigenvectors.
         progress: show a progress bar (products, largest relative residual) on stderr.
+        relative_to: ``"value"`` (the tolerance above) or ``"norm"``: ``||A v - lambda v|| <=
+            tol * max(|lambda|, ||A||_est)``, the accuracy a low-rank approximation of A needs
+            (small eigenvalues only to ``tol`` of the largest), which converges where a
+            spectrum clusters near 0.
 
     Returns:
         EigenResult with ``values``, ``vectors``, ``residual_norms``, ``converged``,
@@ -238,6 +250,7 @@ def eigenvalues(
     size = op.shape[0]
     k = _check_k(k, which, size)
     tol = check_tol(_FUNC, tol)
+    relative_to = check_choice(_FUNC, "relative_to", relative_to, ("value", "norm"))
     want = 2 * k if which == "both" else k
     budget = check_int(_FUNC, "max_matvecs", max_matvecs, minimum=want, allow_none=True)
     if budget is None:
@@ -250,13 +263,16 @@ def eigenvalues(
             values, vecs, residuals, anorm = _dense(apply, op, want, which)
             rows, method, restarts, status = vecs.T, "dense", 0, None
         else:
-            found = _lanczos(apply, start, want, which, tol, budget, basis_size, gen, bar)
+            found = _lanczos(
+                apply, start, want, which, tol, budget, basis_size, gen, bar, relative_to
+            )
             values, rows, residuals, anorm, restarts, status = found
             method = "lanczos"
         bar.update(apply.count)
     order = _order(values, which)
     values, residuals = values[order], residuals[order]
-    converged = _converged(values, residuals, tol, anorm, torch.finfo(op.dtype).eps)
+    floor = _floor(relative_to, torch.finfo(op.dtype).eps)
+    converged = _converged(values, residuals, tol, anorm, floor)
     if status is None or bool(converged.all()):
         status = "converged" if bool(converged.all()) else "max_matvecs"
     vectors = None

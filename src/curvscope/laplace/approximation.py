@@ -51,8 +51,9 @@ class LaplaceApproximation:
         loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` (reduction "mean" or "sum").
         data: the training data, an iterable of ``(inputs, targets)`` batches or one batch.
         structure: "kfac" (``curvscope.KFACOperator``), "full" (the dense GGN), "diag" (the
-            exact GGN diagonal), "lowrank" (top ``rank`` eigenpairs of the GGN), or a curvscope
-            operator used as the curvature of ``loss_fn``.
+            exact GGN diagonal), "lowrank" (top ``rank`` eigenpairs of the GGN, each to 1e-6 of
+            the largest eigenvalue), or a curvscope operator used as the curvature of
+            ``loss_fn``.
         subset: "all", "last_layer" (the last module with parameters) or a list of names.
         prior_precision: δ > 0, or a dict layer name -> δ (layers as in ``layer_names``).
         sigma_noise: σ > 0 of the Gaussian likelihood (regression only).

@@ -3,7 +3,8 @@
 "full": the dense GGN (from per-example Jacobians for models with (n, K) outputs, see
 :mod:`curvscope.laplace._jacobian_ggn`, else ``GGNOperator`` products with the unit vectors);
 "diag": the exact GGN diagonal (``GGNDiagonalOperator``); "lowrank": the top ``rank``
-eigenpairs of the GGN (Lanczos); "kfac": ``KFACOperator(fisher="ggn")`` with its exact
+eigenpairs of the GGN (Lanczos, residuals below ``LOWRANK_TOL`` times the largest eigenvalue);
+"kfac": ``KFACOperator(fisher="ggn")`` with its exact
 log-determinant and inverse; any curvscope operator: used as the curvature (structured when it
 has ``logdet`` and ``inverse``, else made dense).
 """
@@ -25,6 +26,8 @@ from .likelihood import Likelihood
 from .posterior import DenseStructure, DiagonalStructure, LowRankStructure, StructuredStructure
 
 STRUCTURES = ("kfac", "full", "diag", "lowrank")
+#: Residual of the "lowrank" eigenpairs relative to the largest eigenvalue (at least 100 eps).
+LOWRANK_TOL = 1e-6
 #: Default number of eigenpairs of the "lowrank" structure.
 DEFAULT_RANK = 50
 #: Columns per product block when an operator is made dense.
@@ -85,7 +88,12 @@ def build(
         return DenseStructure(dense_in_blocks(ggn), psd=True)
     size = ggn.shape[0]
     k = min(DEFAULT_RANK if rank is None else rank, size)
-    found = _estimators.eigenvalues(ggn, k=k, which="largest", seed=seed)
+    # accuracy relative to the largest eigenvalue, what a low-rank approximation needs: the
+    # relative criterion never converges where the tail of the spectrum clusters near 0
+    tol = max(LOWRANK_TOL, 100 * torch.finfo(ggn.dtype).eps)
+    found = _estimators.eigenvalues(
+        ggn, k=k, which="largest", seed=seed, tol=tol, relative_to="norm"
+    )
     if not found.all_converged:
         raise ValueError(
             f"curvscope.{func}(rank={rank}): the top {k} eigenpairs of the GGN did not converge "
