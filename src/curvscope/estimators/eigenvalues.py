@@ -123,12 +123,7 @@ def _converged(values: np.ndarray, residuals: np.ndarray, tol: float, anorm: flo
     return residuals <= tol * np.maximum(np.abs(values), floor * anorm)
 
 
-def _floor(relative_to: str, eps: float) -> float:
-    """The fraction of ||A||_est below which |value| no longer scales the tolerance."""
-    return 1.0 if relative_to == "norm" else math.sqrt(eps)
-
-
-def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, bar, rel) -> tuple:
+def _lanczos(apply: Counter, start, want, which, tol, floor, budget, basis_size, gen, bar) -> tuple:
     """Run thick-restart Lanczos until the ``want`` wanted Ritz pairs converge or the budget.
 
     The recurrence residuals ``|beta s_last|`` decide when to look; the answer is then checked
@@ -138,7 +133,6 @@ def _lanczos(apply: Counter, start, want, which, tol, budget, basis_size, gen, b
     """
     engine = ThickRestartLanczos(apply, start, basis_size, gen)
     eps, anorm, restarts, misses = engine.eps, 0.0, 0, 0
-    floor = _floor(rel, eps)
     while True:
         engine.step()
         theta, vectors, residuals = engine.ritz()
@@ -251,6 +245,8 @@ def eigenvalues(
     k = _check_k(k, which, size)
     tol = check_tol(_FUNC, tol)
     relative_to = check_choice(_FUNC, "relative_to", relative_to, ("value", "norm"))
+    # the fraction of ||A||_est below which |value| no longer scales the tolerance
+    floor = 1.0 if relative_to == "norm" else math.sqrt(torch.finfo(op.dtype).eps)
     want = 2 * k if which == "both" else k
     budget = check_int(_FUNC, "max_matvecs", max_matvecs, minimum=want, allow_none=True)
     if budget is None:
@@ -263,15 +259,12 @@ def eigenvalues(
             values, vecs, residuals, anorm = _dense(apply, op, want, which)
             rows, method, restarts, status = vecs.T, "dense", 0, None
         else:
-            found = _lanczos(
-                apply, start, want, which, tol, budget, basis_size, gen, bar, relative_to
-            )
+            found = _lanczos(apply, start, want, which, tol, floor, budget, basis_size, gen, bar)
             values, rows, residuals, anorm, restarts, status = found
             method = "lanczos"
         bar.update(apply.count)
     order = _order(values, which)
     values, residuals = values[order], residuals[order]
-    floor = _floor(relative_to, torch.finfo(op.dtype).eps)
     converged = _converged(values, residuals, tol, anorm, floor)
     if status is None or bool(converged.all()):
         status = "converged" if bool(converged.all()) else "max_matvecs"
