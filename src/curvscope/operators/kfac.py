@@ -253,32 +253,26 @@ class KFACOperator(LayerOperator):
 
     def eigenbasis_values(self) -> torch.Tensor:
         """(P,): K's eigenvalues, laid out as :meth:`to_eigenbasis` lays out the columns."""
-        values = {
+        return self._laid_out(lambda block: block.eigenvalues())
+
+    def _spectrum(self) -> torch.Tensor:
+        return self.eigenbasis_values()
+
+    def _diagonal_flat(self) -> torch.Tensor:
+        return self._laid_out(lambda block: block.diagonal())
+
+    def _laid_out(self, of_block: Callable) -> torch.Tensor:
+        """(P,) from a (d_out, d_in) matrix per Kronecker block (``of_block(block)``) and the
+        diagonal parts' values, laid out like the parameters."""
+        out = {
             name: torch.empty(1, *shape, dtype=self.dtype, device=self.device)
             for name, shape in self._param_shapes.items()
         }
         for block in self._ensure():
-            block.from_matrix(block.eigenvalues().unsqueeze(0).to(self.dtype), values)
-        for name, diagonal in self._norms.items():
-            values[name] = diagonal.unsqueeze(0)
-        return torch.cat([values[name].reshape(-1) for name in self._names])
-
-    def _spectrum(self) -> torch.Tensor:
-        pieces = [block.eigenvalues().reshape(-1) for block in self._ensure()]
-        pieces += [values.reshape(-1) for values in self._norms.values()]
-        return torch.cat(pieces)
-
-    def _diagonal_flat(self) -> torch.Tensor:
-        eye = {
-            name: torch.empty(1, *shape, dtype=self.dtype, device=self.device)
-            for name, shape in self._param_shapes.items()
-        }
-        blocks = self._ensure()
-        for block in blocks:
-            block.from_matrix(block.diagonal().unsqueeze(0), eye)
+            block.from_matrix(of_block(block).unsqueeze(0), out)
         for name, values in self._norms.items():
-            eye[name] = values.unsqueeze(0)
-        return torch.cat([eye[name].reshape(-1) for name in self._names])
+            out[name] = values.unsqueeze(0)
+        return torch.cat([out[name].reshape(-1) for name in self._names])
 
     def trace(self) -> float:
         """``tr K = Σ_l tr(G_l) tr(A_l)`` (plus the diagonal blocks), exact."""
